@@ -1,0 +1,71 @@
+"""Distribution families for priors, guides and likelihoods, looked up by name.
+
+Each family is defined once, in ``latent.py`` or ``likelihoods.py``; the
+closed-form KLs that torch lacks live in ``kl.py`` and are registered on import.
+"""
+
+from __future__ import annotations
+
+from pyrovae.errors import SupportMismatchError
+from pyrovae.families.base import Family, FixedOrLearnable, Registry, same_support
+from pyrovae.families.latent import (
+    GUIDES,
+    PRIORS,
+    Guide,
+    Prior,
+    register_guide,
+    register_prior,
+)
+from pyrovae.families.likelihoods import LIKELIHOODS, Likelihood, register_likelihood
+
+
+def _build(registry: Registry, base: type, spec, *args, **kwargs):
+    if isinstance(spec, Family):
+        return spec
+    if isinstance(spec, str):
+        return registry.lookup(spec)(*args, **kwargs)
+    raise TypeError(
+        f"a {registry.kind} is a registered name ({sorted(registry)}) or a "
+        f"{base.__name__} instance, not {type(spec).__name__}."
+    )
+
+
+def make_prior(spec, z_dim: int, **kwargs) -> Prior:
+    return _build(PRIORS, Prior, spec, z_dim, **kwargs)
+
+
+def make_guide(spec, z_dim: int, **kwargs) -> Guide:
+    return _build(GUIDES, Guide, spec, z_dim, **kwargs)
+
+
+def make_likelihood(spec, x_shape, **kwargs) -> Likelihood:
+    return _build(LIKELIHOODS, Likelihood, spec, tuple(x_shape), **kwargs)
+
+
+def compatible_pairs() -> dict[str, list[str]]:
+    """For each registered guide, the registered priors with the same support."""
+    return {
+        g: [p for p, prior in PRIORS.items() if same_support(guide.support, prior.support)]
+        for g, guide in GUIDES.items()
+    }
+
+
+def check_supports(guide: Family, prior: Family) -> None:
+    """Refuse a guide whose support differs from the prior's: the KL would be infinite
+    (guide mass where the prior has none) or samples would be invalid for the prior."""
+    if same_support(guide.support, prior.support):
+        return
+    pairs = "; ".join(f"guide {g!r} with prior {ps}" for g, ps in compatible_pairs().items())
+    raise SupportMismatchError(
+        f"guide {guide.name or type(guide).__name__!r} has support {guide.support}, but prior "
+        f"{prior.name or type(prior).__name__!r} has support {prior.support}: they must match. "
+        f"Combinations that work: {pairs}."
+    )
+
+
+__all__ = [
+    "Family", "FixedOrLearnable", "Registry", "Prior", "Guide", "Likelihood",
+    "PRIORS", "GUIDES", "LIKELIHOODS", "register_prior", "register_guide",
+    "register_likelihood", "make_prior", "make_guide", "make_likelihood",
+    "check_supports", "compatible_pairs",
+]

@@ -1,0 +1,162 @@
+"""Families for the observation x: likelihoods p(x|z).
+
+The decoder's raw output is shaped ``batch + (num_params,) + x_shape``. A
+likelihood constrains it, builds the distribution with the whole image as its
+event, and checks data against its support before training starts (the check
+runs once at the edge, not in every SVI step).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import pyro.distributions as dist
+import torch
+from torch import nn
+from torch.distributions import constraints
+
+from pyrovae.errors import DataError
+from pyrovae.families.base import Family, Registry
+from pyrovae.families.latent import positive
+
+LIKELIHOODS = Registry("likelihood")
+register_likelihood = LIKELIHOODS.register
+
+
+class Likelihood(Family):
+    """p(x|z): ``num_params`` decoder outputs per pixel."""
+
+    num_params: ClassVar[int] = 1
+
+    def __init__(self, x_shape: tuple[int, ...]):
+        super().__init__()
+        self.x_shape = tuple(x_shape)
+
+    def constrain(self, raw: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(raw.unbind(-len(self.x_shape) - 1))
+
+    def forward(self, raw: torch.Tensor) -> dist.Distribution:
+        return self.make_dist(*self.constrain(raw)).to_event(len(self.x_shape))
+
+    def mean(self, raw: torch.Tensor) -> torch.Tensor:
+        """The mean image of p(x|z), for reconstructions and samples."""
+        return self(raw).mean
+
+    def check_support(self, x: torch.Tensor) -> None:
+        """Raise DataError if x holds values this likelihood gives no mass."""
+
+
+def _bad_count(mask: torch.Tensor) -> str:
+    return f"{int(mask.sum())} of {mask.numel()} values"
+
+
+@register_likelihood
+class BernoulliLikelihood(Likelihood):
+    """Binary pixels; the decoder outputs logits."""
+
+    name = "bernoulli"
+    support = constraints.boolean
+
+    def make_dist(self, logits):
+        return dist.Bernoulli(logits=logits, validate_args=False)
+
+    def mean(self, raw):
+        return torch.sigmoid(raw.squeeze(-len(self.x_shape) - 1))
+
+    def check_support(self, x):
+        bad = (x != 0) & (x != 1)
+        if bool(bad.any()):
+            raise DataError(
+                f"the bernoulli likelihood needs binary data, but {_bad_count(bad)} are grey "
+                f"(not 0 or 1). Binarize them (--binarize dynamic or static), or use "
+                f"--likelihood continuous-bernoulli for grey values in [0, 1]."
+            )
+
+
+@register_likelihood
+class ContinuousBernoulliLikelihood(Likelihood):
+    """Grey values in [0, 1] (Loaiza-Ganem & Cunningham 2019); the decoder outputs logits."""
+
+    name = "continuous-bernoulli"
+    support = constraints.unit_interval
+
+    def make_dist(self, logits):
+        return dist.ContinuousBernoulli(logits=logits, validate_args=False)
+
+    def check_support(self, x):
+        bad = (x < 0) | (x > 1)
+        if bool(bad.any()):
+            raise DataError(
+                f"the continuous-bernoulli likelihood needs values in [0, 1], but "
+                f"{_bad_count(bad)} lie outside. Rescale the data to [0, 1], or use "
+                f"--likelihood gaussian for unbounded values."
+            )
+
+
+@register_likelihood
+class GaussianFixedLikelihood(Likelihood):
+    """Gaussian with a fixed sigma: the identity-covariance decoder when scale=1."""
+
+    name = "gaussian-fixed"
+    support = constraints.real
+
+    def __init__(self, x_shape, scale: float = 1.0):
+        super().__init__(x_shape)
+        if not scale > 0:
+            raise ValueError(f"gaussian-fixed scale={scale} must be positive.")
+        self._settings = {"scale": scale}
+        self.register_buffer("scale", torch.tensor(float(scale)))
+
+    def make_dist(self, loc):
+        return dist.Normal(loc, self.scale.to(loc), validate_args=False)
+
+    def mean(self, raw):
+        return raw.squeeze(-len(self.x_shape) - 1)
+
+
+@register_likelihood
+class GaussianLikelihood(Likelihood):
+    """Gaussian with a learned sigma, kept above ``min_scale``.
+
+    A free sigma makes the objective unbounded: on a pixel the decoder fits
+    exactly, sigma -> 0 sends log p(x|z) to +inf. The floor bounds each pixel's
+    log density by -log(min_scale * sqrt(2 pi)).
+
+    ``sigma="per-pixel"``: one learned sigma per pixel, shared by all data.
+    ``sigma="per-datapoint"``: the decoder outputs a sigma for every pixel of
+    every datapoint (heteroscedastic, as in Kingma & Welling's Frey Face model).
+    """
+
+    name = "gaussian"
+    support = constraints.real
+
+    def __init__(self, x_shape, sigma: str = "per-pixel", min_scale: float = 1e-2,
+                 init_scale: float = 1.0):
+        super().__init__(x_shape)
+        if sigma not in ("per-pixel", "per-datapoint"):
+            raise ValueError(f"gaussian sigma={sigma!r}: use 'per-pixel' or 'per-datapoint'.")
+        if not init_scale > min_scale:
+            raise ValueError(f"gaussian init_scale={init_scale} must exceed min_scale={min_scale}.")
+        self.sigma = sigma
+        self.min_scale = min_scale
+        self._settings = {"sigma": sigma, "min_scale": min_scale, "init_scale": init_scale}
+        if sigma == "per-pixel":
+            excess = torch.full(self.x_shape, float(init_scale - min_scale))
+            self.scale_unconstrained = nn.Parameter(excess + torch.log(-torch.expm1(-excess)))
+
+    @property
+    def num_params(self) -> int:
+        return 2 if self.sigma == "per-datapoint" else 1
+
+    def constrain(self, raw):
+        if self.sigma == "per-datapoint":
+            loc, raw_scale = super().constrain(raw)
+            return loc, positive(raw_scale, self.min_scale)
+        (loc,) = super().constrain(raw)
+        return loc, positive(self.scale_unconstrained, self.min_scale)
+
+    def make_dist(self, loc, scale):
+        return dist.Normal(loc, scale, validate_args=False)
+
+    def mean(self, raw):
+        return self.constrain(raw)[0]

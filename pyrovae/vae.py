@@ -1,0 +1,184 @@
+"""The VAE: a Pyro ``model`` p(z) p(x|z) and a Pyro ``guide`` q(z|x).
+
+Saved as ``config.json`` (how to rebuild it) plus ``checkpoint.pt`` (its
+``state_dict`` under the key ``"model"``), and loaded in one call.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyro
+import torch
+from torch import nn
+
+from pyrovae.atomic import atomic_torch_save, atomic_write_json
+from pyrovae.errors import DataError
+from pyrovae.families import check_supports, make_guide, make_likelihood, make_prior
+from pyrovae.networks import MLPDecoder, MLPEncoder
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class VAE(nn.Module):
+    """A variational autoencoder with swappable prior, guide, likelihood and networks.
+
+    Families are given by registered name (with ``*_kwargs``) or as objects;
+    ``encoder`` and ``decoder`` replace the MLPs (see ``pyrovae.networks`` for
+    the shapes they must map between).
+    """
+
+    def __init__(self, x_shape, z_dim: int = 20, prior="normal", guide="normal",
+                 likelihood="bernoulli", hidden=(400,), activation="softplus",
+                 encoder: nn.Module | None = None, decoder: nn.Module | None = None,
+                 prior_kwargs=None, guide_kwargs=None, likelihood_kwargs=None):
+        super().__init__()
+        self.x_shape = tuple(int(n) for n in x_shape)
+        self.z_dim = int(z_dim)
+        self.prior = make_prior(prior, self.z_dim, **(prior_kwargs or {}))
+        self.guide_family = make_guide(guide, self.z_dim, **(guide_kwargs or {}))
+        self.likelihood = make_likelihood(likelihood, self.x_shape, **(likelihood_kwargs or {}))
+        check_supports(self.guide_family, self.prior)
+        self.encoder = encoder or MLPEncoder(
+            self.x_shape, self.z_dim, self.guide_family.num_params, hidden, activation)
+        self.decoder = decoder or MLPDecoder(
+            self.x_shape, self.z_dim, self.likelihood.num_params, hidden, activation)
+        self.config = {
+            "x_shape": list(self.x_shape),
+            "z_dim": self.z_dim,
+            "prior": _family_config(self.prior),
+            "guide": _family_config(self.guide_family),
+            "likelihood": _family_config(self.likelihood),
+            "hidden": list(hidden),
+            "activation": activation,
+            "encoder": "mlp" if encoder is None else "custom",
+            "decoder": "mlp" if decoder is None else "custom",
+        }
+        # pyro.module walks every parameter on each call: register only the
+        # families that own parameters, decided once here.
+        self._model_modules = [("decoder", self.decoder)] + [
+            (n, m) for n, m in (("prior", self.prior), ("likelihood", self.likelihood))
+            if m.has_parameters]
+        self._guide_modules = [("encoder", self.encoder)] + (
+            [("guide_family", self.guide_family)] if self.guide_family.has_parameters else [])
+
+    # ------------------------------------------------------------ Pyro
+    def model(self, x: torch.Tensor) -> None:
+        self._check_shape(x)
+        for name, module in self._model_modules:
+            pyro.module(name, module)
+        with pyro.plate("data", x.shape[0], dim=-1):
+            z = pyro.sample("z", self.prior(x))
+            pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
+
+    def guide(self, x: torch.Tensor) -> None:
+        self._check_shape(x)
+        for name, module in self._guide_modules:
+            pyro.module(name, module)
+        with pyro.plate("data", x.shape[0], dim=-1):
+            pyro.sample("z", self.guide_family(self.encoder(x)))
+
+    # ------------------------------------------------------------ helpers
+    def encode(self, x: torch.Tensor) -> torch.distributions.Distribution:
+        """q(z|x) as a distribution with batch shape (N,) and event shape (z_dim,)."""
+        return self.guide_family(self.encoder(x))
+
+    def decode(self, z: torch.Tensor) -> torch.distributions.Distribution:
+        """p(x|z) with the whole image as its event."""
+        return self.likelihood(self.decoder(z))
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean of p(x|z) at z = the mean of q(z|x) (the median for heavy tails)."""
+        q = self.encode(x)
+        z = _centre(q)
+        return self.likelihood.mean(self.decoder(z))
+
+    def sample(self, n: int) -> torch.Tensor:
+        """Mean images of p(x|z) for z drawn from the prior."""
+        like = next(self.parameters())
+        z = self.prior(like).sample((n,))
+        return self.likelihood.mean(self.decoder(z))
+
+    def check_data(self, x: torch.Tensor, what: str = "data") -> None:
+        """Check shape, finiteness and support once, before any SVI step."""
+        self._check_shape(x, what)
+        if not torch.is_floating_point(x):
+            raise DataError(f"{what} has dtype {x.dtype}; convert it with .float().")
+        bad = ~torch.isfinite(x)
+        if bool(bad.any()):
+            raise DataError(
+                f"{what} holds {int(bad.sum())} NaN or infinite values; remove or impute "
+                f"them before training.")
+        self.likelihood.check_support(x)
+
+    def _check_shape(self, x, what="data"):
+        if tuple(x.shape[1:]) != self.x_shape or x.dim() != len(self.x_shape) + 1:
+            raise DataError(
+                f"{what} has shape {tuple(x.shape)}, but this VAE takes a batch of shape "
+                f"(N, {', '.join(map(str, self.x_shape))}). Reshape the data, or build the "
+                f"VAE with x_shape={tuple(x.shape[1:])}.")
+
+    # ------------------------------------------------------------ saving
+    def save(self, folder, extra: dict | None = None) -> None:
+        """Write config.json and checkpoint.pt (atomically) into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = _read_json(folder / CONFIG_FILE) if (folder / CONFIG_FILE).exists() else {}
+        config["model"] = self.config
+        atomic_write_json(folder / CONFIG_FILE, config)
+        atomic_torch_save({"model": self.state_dict(), **(extra or {})}, folder / CHECKPOINT_FILE)
+
+    @classmethod
+    def from_config(cls, config: dict, **overrides) -> "VAE":
+        kwargs = dict(x_shape=config["x_shape"], z_dim=config["z_dim"],
+                      hidden=config["hidden"], activation=config["activation"])
+        for part in ("prior", "guide", "likelihood"):
+            spec = dict(config[part])
+            kwargs[part] = spec.pop("name")
+            kwargs[f"{part}_kwargs"] = spec
+        for part in ("prior", "guide", "likelihood", "encoder", "decoder"):
+            custom = config[part] == "custom" or (
+                isinstance(config[part], dict) and config[part].get("custom"))
+            if custom and part not in overrides:
+                raise ValueError(
+                    f"this VAE was saved with a custom {part}, which config.json cannot "
+                    f"rebuild; pass it again: VAE.load(folder, {part}=...).")
+            if part in overrides and f"{part}_kwargs" in kwargs:
+                kwargs[f"{part}_kwargs"] = None
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    @classmethod
+    def load(cls, folder, map_location="cpu", **overrides) -> "VAE":
+        """Rebuild a saved or trained VAE for evaluation. Custom parts not found in
+        the registries are passed again as keyword arguments (``encoder=...``)."""
+        folder = Path(folder)
+        config = _read_json(folder / CONFIG_FILE)["model"]
+        vae = cls.from_config(config, **overrides)
+        state = torch.load(folder / CHECKPOINT_FILE, map_location=map_location, weights_only=True)
+        vae.load_state_dict(state["model"])
+        return vae.eval()
+
+
+def _centre(q):
+    if isinstance(getattr(q, "base_dist", q), torch.distributions.LogNormal):
+        return q.base_dist.loc.exp()  # the median: the mean exp(mu + s^2/2) is dominated by s
+    return q.mean
+
+
+def _family_config(family) -> dict:
+    """A registered family is saved by name; any other is marked custom, and
+    ``VAE.load`` asks for it again."""
+    from pyrovae.families import GUIDES, LIKELIHOODS, PRIORS
+
+    for registry in (PRIORS, GUIDES, LIKELIHOODS):
+        if registry.get(family.name) is type(family):
+            return {"name": family.name, **family.settings}
+    return {"name": family.name or type(family).__name__, "custom": True}
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
