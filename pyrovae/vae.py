@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pyrovae.atomic import atomic_torch_save, atomic_write_json
-from pyrovae.errors import DataError
+from pyrovae.errors import DataError, PyrovaeError
 from pyrovae.families import check_supports, make_guide, make_likelihood, make_prior
 from pyrovae.networks import MLPDecoder, MLPEncoder
 
@@ -142,7 +142,7 @@ class VAE(nn.Module):
             custom = config[part] == "custom" or (
                 isinstance(config[part], dict) and config[part].get("custom"))
             if custom and part not in overrides:
-                raise ValueError(
+                raise PyrovaeError(
                     f"this VAE was saved with a custom {part}, which config.json cannot "
                     f"rebuild; pass it again: VAE.load(folder, {part}=...).")
             if part in overrides and f"{part}_kwargs" in kwargs:

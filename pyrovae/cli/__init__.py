@@ -7,7 +7,9 @@ import importlib
 import logging
 import sys
 
-SUBCOMMANDS = ("train",)
+from pyrovae.errors import NonFiniteLossError, PyrovaeError
+
+SUBCOMMANDS = ("train", "evaluate")
 
 
 def main(argv=None) -> int:
@@ -17,7 +19,12 @@ def main(argv=None) -> int:
         importlib.import_module(f"pyrovae.cli.{name}").add_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
-    return args.run(args) or 0
+    try:
+        return args.run(args) or 0
+    except (PyrovaeError, NonFiniteLossError) as error:
+        # bad input is the user's to fix: the message says how, a traceback would bury it
+        print(f"pyrovae {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 def parse_key_values(pairs: list[str] | None, flag: str) -> dict:

@@ -6,7 +6,10 @@ closed-form KLs that torch lacks live in ``kl.py`` and are registered on import.
 
 from __future__ import annotations
 
-from pyrovae.errors import SupportMismatchError
+import inspect
+
+from pyrovae.errors import SupportMismatchError, UnknownNameError
+from pyrovae.families import kl  # noqa: F401  (registers the closed-form KLs with torch)
 from pyrovae.families.base import Family, FixedOrLearnable, Registry, same_support
 from pyrovae.families.latent import (
     GUIDES,
@@ -23,7 +26,15 @@ def _build(registry: Registry, base: type, spec, *args, **kwargs):
     if isinstance(spec, Family):
         return spec
     if isinstance(spec, str):
-        return registry.lookup(spec)(*args, **kwargs)
+        cls = registry.lookup(spec)
+        accepted = inspect.signature(cls).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+            unknown = sorted(set(kwargs) - set(accepted))
+            if unknown:
+                raise UnknownNameError(
+                    f"{registry.kind} {spec!r} takes no parameter {unknown}; it takes "
+                    f"{[p for p in accepted if p not in ('z_dim', 'x_shape')]}.")
+        return cls(*args, **kwargs)
     raise TypeError(
         f"a {registry.kind} is a registered name ({sorted(registry)}) or a "
         f"{base.__name__} instance, not {type(spec).__name__}."

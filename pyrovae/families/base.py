@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.distributions import biject_to, constraints
 
-from pyrovae.errors import UnknownNameError
+from pyrovae.errors import PyrovaeError, UnknownNameError
 
 
 class Family(nn.Module):
@@ -72,7 +72,7 @@ class FixedOrLearnable(Family):
             value = torch.as_tensor(values.get(pname, self.defaults[pname]), dtype=torch.float32)
             value = value.expand(size).clone() if value.dim() == 0 else value
             if not bool(constraint.check(value).all()):
-                raise ValueError(
+                raise PyrovaeError(
                     f"{self.name!r} parameter {pname}={value.tolist()} is outside its "
                     f"support ({constraint}); pass a value inside it."
                 )
@@ -103,7 +103,7 @@ class Registry(dict):
 
     def register(self, cls):
         if not cls.name:
-            raise ValueError(f"{cls.__name__} needs a class attribute `name` to be registered.")
+            raise TypeError(f"{cls.__name__} needs a class attribute `name` to be registered.")
         self[cls.name] = cls
         return cls
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import constraints
 
+from pyrovae.errors import PyrovaeError
 from pyrovae.families.base import Family, FixedOrLearnable, Registry
 
 PRIORS = Registry("prior")
@@ -168,7 +169,7 @@ class StudentTGuide(Guide):
                  min_df: float = 2.1, min_scale: float = 1e-4):
         super().__init__(z_dim, min_scale)
         if not df > min_df:
-            raise ValueError(f"student-t guide df={df} must exceed min_df={min_df}; raise df.")
+            raise PyrovaeError(f"student-t guide df={df} must exceed min_df={min_df}; raise df.")
         self.min_df = min_df
         self._settings.update(df=df, learn_df=learn_df, min_df=min_df)
         excess = torch.full((z_dim,), float(df - min_df))

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.distributions import constraints
 
-from pyrovae.errors import DataError
+from pyrovae.errors import DataError, PyrovaeError
 from pyrovae.families.base import Family, Registry
 from pyrovae.families.latent import positive
 
@@ -103,7 +103,7 @@ class GaussianFixedLikelihood(Likelihood):
     def __init__(self, x_shape, scale: float = 1.0):
         super().__init__(x_shape)
         if not scale > 0:
-            raise ValueError(f"gaussian-fixed scale={scale} must be positive.")
+            raise PyrovaeError(f"gaussian-fixed scale={scale} must be positive.")
         self._settings = {"scale": scale}
         self.register_buffer("scale", torch.tensor(float(scale)))
 
@@ -134,9 +134,9 @@ class GaussianLikelihood(Likelihood):
                  init_scale: float = 1.0):
         super().__init__(x_shape)
         if sigma not in ("per-pixel", "per-datapoint"):
-            raise ValueError(f"gaussian sigma={sigma!r}: use 'per-pixel' or 'per-datapoint'.")
+            raise PyrovaeError(f"gaussian sigma={sigma!r}: use 'per-pixel' or 'per-datapoint'.")
         if not init_scale > min_scale:
-            raise ValueError(f"gaussian init_scale={init_scale} must exceed min_scale={min_scale}.")
+            raise PyrovaeError(f"gaussian init_scale={init_scale} must exceed min_scale={min_scale}.")
         self.sigma = sigma
         self.min_scale = min_scale
         self._settings = {"sigma": sigma, "min_scale": min_scale, "init_scale": init_scale}

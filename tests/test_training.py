@@ -1,0 +1,161 @@
+"""The SVI trainer: metrics, the KL report, resume, and faults (NaN, crash mid-write, Ctrl-C)."""
+
+import json
+import logging
+
+import pyro
+import pytest
+import torch
+
+from pyrovae import VAE, Trainer, TrainConfig, load_dataset
+from pyrovae.errors import NonFiniteLossError
+from pyrovae.vae import CHECKPOINT_FILE
+
+from conftest import requires_cuda
+
+
+def make_trainer(out, epochs=2, guide="normal", prior="normal", elbo="trace", seed=3,
+                 likelihood="bernoulli", device="cpu"):
+    config = TrainConfig(dataset="digits", binarize="dynamic" if likelihood == "bernoulli"
+                         else "none", elbo=elbo, epochs=epochs, batch_size=256, lr=3e-3,
+                         seed=seed, device=device)
+    data = load_dataset("digits", binarize=config.binarize, seed=seed)
+    pyro.set_rng_seed(seed)
+    vae = VAE(data.x_shape, z_dim=4, guide=guide, prior=prior, likelihood=likelihood,
+              hidden=(32,))
+    return Trainer(vae, data, config, out=out, progress=False)
+
+
+def load_checkpoint(folder):
+    return torch.load(folder / CHECKPOINT_FILE, weights_only=True)
+
+
+def test_metrics_and_outputs(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=3)
+    metrics = trainer.fit()
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    for m in metrics:
+        assert {"epoch", "train_elbo", "test_elbo", "kl", "recon"} <= set(m)
+        # ELBO = recon - KL, per datapoint, and a KL is never negative
+        assert m["test_elbo"] == pytest.approx(m["recon"] - m["kl"], abs=1e-4)
+        assert m["kl"] > 0 and m["train_kl"] > 0
+    assert metrics[-1]["train_elbo"] > metrics[0]["train_elbo"]
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["training"]["epochs"] == 3 and config["model"]["z_dim"] == 4
+    loaded = VAE.load(tmp_path)
+    for name, value in trainer.vae.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value)
+
+
+def test_test_elbo_matches_a_direct_estimate(tmp_path):
+    """The reported test ELBO is the ELBO: compare with many-particle estimates."""
+    trainer = make_trainer(tmp_path, epochs=1)
+    reported = trainer.fit()[-1]["test_elbo"]
+    x = trainer.data.test
+    from pyrovae import make_elbo
+    with torch.no_grad():
+        draws = torch.tensor([-make_elbo("trace", 1).loss(trainer.vae.model, trainer.vae.guide, x)
+                              / len(x) for _ in range(200)])
+    se = (draws.var() / len(draws) + draws.var()).sqrt()  # the report is itself one draw
+    assert abs(reported - draws.mean()) < 4 * se
+
+
+@pytest.mark.parametrize("guide,prior,expected", [
+    ("normal", "normal", "'z' (Normal || Normal) analytic"),
+    ("laplace", "student-t", "'z' (Laplace || StudentT) Monte Carlo, as torch has no closed form"),
+])
+def test_kl_methods_are_reported_once_per_run(tmp_path, caplog, guide, prior, expected):
+    trainer = make_trainer(tmp_path, epochs=2, guide=guide, prior=prior, elbo="meanfield")
+    with caplog.at_level(logging.INFO, logger="pyrovae"):
+        trainer.fit()
+    kl_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("KL:")]
+    assert len(kl_lines) == 1 and expected in kl_lines[0]
+
+
+def test_resume_is_deterministic(tmp_path):
+    make_trainer(tmp_path / "a", epochs=2).fit()
+    resumed = Trainer.resume(tmp_path / "a", epochs=4, progress=False)
+    assert resumed.epoch == 2
+    metrics_a = resumed.fit()
+    metrics_b = make_trainer(tmp_path / "b", epochs=4).fit()
+    a, b = load_checkpoint(tmp_path / "a"), load_checkpoint(tmp_path / "b")
+    assert a["epoch"] == b["epoch"] == 4
+    for name in b["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    drop_time = [{k: v for k, v in m.items() if k != "seconds"} for m in metrics_a]
+    assert drop_time == [{k: v for k, v in m.items() if k != "seconds"} for m in metrics_b]
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, epochs=1)
+    trainer.fit()
+    before = load_checkpoint(tmp_path)
+
+    def torn_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("pyrovae.atomic.torch.save", torn_save)
+    trainer.config.epochs = 2
+    with pytest.raises(OSError, match="disk full"):
+        trainer.fit()
+    monkeypatch.undo()
+    after = load_checkpoint(tmp_path)
+    assert after["epoch"] == 1
+    for name in before["model"]:
+        assert torch.equal(after["model"][name], before["model"][name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "config.json",
+                                                          "metrics.json"]
+
+
+def break_decoder_after_first_epoch(trainer, make_output):
+    def hook(module, args, output):
+        if trainer.epoch >= 1 and trainer.vae.training:
+            return make_output(output)
+    trainer.vae.decoder.register_forward_hook(hook)
+
+
+def test_nan_loss_stops_and_names_epoch_and_step(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=3)
+    break_decoder_after_first_epoch(trainer, lambda out: out * float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2 at step 1\..*checkpoint \(epoch 1\)"
+                                                  r".*--lr"):
+        trainer.fit()
+    checkpoint = load_checkpoint(tmp_path)
+    assert checkpoint["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+
+
+def test_ctrl_c_saves_a_checkpoint_and_returns(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=3)
+    calls = []
+
+    def interrupt(out):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return out
+
+    break_decoder_after_first_epoch(trainer, interrupt)
+    metrics = trainer.fit()
+    assert trainer.interrupted and len(metrics) == 1
+    checkpoint = load_checkpoint(tmp_path)
+    assert checkpoint["epoch"] == 1 and checkpoint["interrupted_at_step"] == 3
+    # the saved parameters are the ones in memory at the interrupt, not epoch 1's
+    for name, value in trainer.vae.state_dict().items():
+        assert torch.equal(checkpoint["model"][name], value)
+
+
+@requires_cuda
+@pytest.mark.parametrize("guide,prior,likelihood", [
+    ("normal", "normal", "bernoulli"), ("student-t", "laplace", "gaussian"),
+    ("laplace", "student-t", "gaussian-fixed"), ("lognormal", "gamma", "continuous-bernoulli"),
+    ("lognormal", "lognormal", "gaussian"), ("lognormal", "exponential", "bernoulli"),
+])
+def test_trains_on_cuda(tmp_path, guide, prior, likelihood):
+    trainer = make_trainer(tmp_path, epochs=1, guide=guide, prior=prior, likelihood=likelihood,
+                           elbo="meanfield", device="cuda")
+    metrics = trainer.fit()
+    assert torch.isfinite(torch.tensor(metrics[-1]["test_elbo"]))
+    assert all(p.is_cuda for p in trainer.vae.parameters())
