@@ -16,18 +16,26 @@ from pathlib import Path
 
 import pyro
 import torch
+from pyro import poutine
 from pyro.infer import SVI
+from pyro.infer.util import zero_grads
 from tqdm.auto import tqdm
 
 from pyrovae.atomic import atomic_torch_save, atomic_write_json
 from pyrovae.data import Dataset, load_dataset
 from pyrovae.errors import NonFiniteLossError
-from pyrovae.objectives import describe_kl_methods, kl_methods, make_elbo
+from pyrovae.objectives import describe_kl_methods, kl_methods, make_elbo, mutual_information
 from pyrovae.vae import CHECKPOINT_FILE, CONFIG_FILE, VAE
 
 log = logging.getLogger("pyrovae")
 
 METRICS_FILE = "metrics.json"
+
+# Aggressive inference-network training (He et al. 2019): at most this many guide
+# steps before each model step, stopping early when the guide loss summed over a
+# window of this many steps stops decreasing.
+AGGRESSIVE_MAX_STEPS = 50
+AGGRESSIVE_WINDOW = 10
 
 
 @dataclass
@@ -42,6 +50,25 @@ class TrainConfig:
     lr: float = 1e-3
     seed: int = 0
     device: str = "auto"
+    estimator: str = "reparam"
+    beta: float = 1.0
+    kl_anneal: int = 0            # epochs over which the KL weight rises to beta; 0: none
+    kl_anneal_start: float = 0.0
+    free_bits: float = 0.0        # nats per latent dimension
+    aggressive: bool = False
+    aggressive_patience: int = 5  # epochs without a new highest mutual information
+
+    @property
+    def kl_weighted(self) -> bool:
+        return self.beta != 1 or self.kl_anneal > 0 or self.free_bits > 0
+
+    def beta_at(self, epoch: int) -> float:
+        """The KL weight in ``epoch`` (from 1): linear from kl_anneal_start in epoch 1
+        to beta in epoch kl_anneal + 1, then constant."""
+        if self.kl_anneal <= 0:
+            return self.beta
+        progress = min(1.0, (epoch - 1) / self.kl_anneal)
+        return self.kl_anneal_start + (self.beta - self.kl_anneal_start) * progress
 
     def resolved_binarize(self, likelihood: str) -> str:
         if self.binarize is not None:
@@ -76,12 +103,25 @@ class Trainer:
         self.data = data.to(self.device)
         self.out = Path(out) if out is not None else None
         self.progress = progress
-        self.elbo = make_elbo(config.elbo, config.num_particles)
+        self.elbo = self._make_objective()
+        # the true ELBO (beta = 1, no free bits) on the test set, with Pyro's own estimator
+        self.eval_elbo = make_elbo("meanfield" if config.elbo == "meanfield" else "trace",
+                                   config.num_particles)
+        self.eval_iwae = make_elbo("iwae", config.num_particles) if config.elbo == "iwae" else None
         self.optim = pyro.optim.Adam({"lr": config.lr})
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.epoch = 0
         self.metrics: list[dict] = []
+        self.aggressive = config.aggressive
+        self.mutual_info: list[float] = []  # per aggressive epoch, for the switch-off rule
+        # a second objective for the guide-only steps, so that they stay out of the metrics
+        self.guide_elbo = self._make_objective() if config.aggressive else None
         self._check_data()
+
+    def _make_objective(self):
+        c = self.config
+        return make_elbo(c.elbo, c.num_particles, estimator=c.estimator, beta=c.beta_at(1),
+                         free_bits=c.free_bits, kl_weighted=c.kl_weighted)
 
     # ------------------------------------------------------------ set-up
     def _check_data(self):
@@ -107,6 +147,7 @@ class Trainer:
             "epoch": self.epoch,
             "interrupted_at_step": interrupted_at_step,
             "rng": rng,
+            "aggressive": {"on": self.aggressive, "mutual_info": self.mutual_info},
         }, self.out / CHECKPOINT_FILE)
         atomic_write_json(self.out / METRICS_FILE, self.metrics)
 
@@ -132,6 +173,9 @@ class Trainer:
         trainer.vae.load_state_dict(checkpoint["model"])
         trainer.optim.set_state(checkpoint["optimizer"])
         trainer.epoch = checkpoint["epoch"]
+        if "aggressive" in checkpoint:
+            trainer.aggressive = checkpoint["aggressive"]["on"]
+            trainer.mutual_info = list(checkpoint["aggressive"]["mutual_info"])
         torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
         trainer.generator.set_state(checkpoint["rng"]["generator"].cpu())
         if "cuda" in checkpoint["rng"] and trainer.device.type == "cuda":
@@ -156,9 +200,15 @@ class Trainer:
         probe = self.data.test[: min(len(self.data.test), 8)]
         log.info(describe_kl_methods(kl_methods(self.vae.model, self.vae.guide, probe),
                                      self.config.elbo))
+        self._guide_params = _param_names(self.vae.guide, probe)
         while self.epoch < self.config.epochs:
             epoch = self.epoch + 1
             started = time.perf_counter()
+            beta = self.config.beta_at(epoch)
+            for objective in (self.elbo, self.guide_elbo):
+                if hasattr(objective, "beta"):
+                    objective.beta = beta
+            aggressive = self.aggressive
             try:
                 train = self._train_epoch(svi, epoch)
             except KeyboardInterrupt:
@@ -169,18 +219,51 @@ class Trainer:
                 return self.metrics
             test = self.evaluate(self.data.test_batches(self.config.batch_size), len(self.data.test))
             self.epoch = epoch
-            self.metrics.append({
+            metrics = {
                 "epoch": epoch,
                 "train_elbo": train["elbo"], "test_elbo": test["elbo"],
                 "kl": test["kl"], "recon": test["recon"],
                 "train_kl": train["kl"], "train_recon": train["recon"],
-                "seconds": time.perf_counter() - started,
-            })
+                "objective": train["objective"],
+            }
+            if self.eval_iwae is not None:
+                metrics["test_iwae"] = test["iwae"]
+            if self.config.kl_weighted:
+                metrics["beta"] = beta
+            if aggressive:
+                metrics["aggressive"] = True
+                metrics["mutual_info"] = self._update_aggressive(epoch)
+            metrics["seconds"] = time.perf_counter() - started
+            self.metrics.append(metrics)
             self._save()
             log.info(f"epoch {epoch}/{self.config.epochs}  train ELBO {train['elbo']:.3f}  "
                      f"test ELBO {test['elbo']:.3f}  KL {test['kl']:.3f}  "
-                     f"recon {test['recon']:.3f}  (nats per datapoint)")
+                     f"recon {test['recon']:.3f}" + _extras(metrics) + "  (nats per datapoint)")
         return self.metrics
+
+    def _update_aggressive(self, epoch: int) -> float:
+        """He et al. 2019: leave aggressive mode once I(x;z) under q stops climbing. The
+        estimate is noisy, so it must make no new high for ``patience`` epochs."""
+        mi = self.mutual_information(self.data.test_batches(self.config.batch_size))
+        self.mutual_info.append(mi)
+        patience = self.config.aggressive_patience
+        if len(self.mutual_info) > patience and \
+                max(self.mutual_info[-patience:]) <= max(self.mutual_info[:-patience]):
+            self.aggressive = False
+            log.info(f"aggressive inference training off at epoch {epoch}: mutual information "
+                     f"plateaued at {max(self.mutual_info):.3f} nats (no new high in "
+                     f"{patience} epochs).")
+        return mi
+
+    @torch.no_grad()
+    def mutual_information(self, batches) -> float:
+        """I(x;z) under q, averaged over ``batches`` (see ``objectives.mutual_information``)."""
+        self.vae.eval()
+        total, n = 0.0, 0
+        for x in batches:
+            total += float(mutual_information(self.vae.encode(x))) * x.shape[0]
+            n += x.shape[0]
+        return total / n
 
     def _train_epoch(self, svi: SVI, epoch: int) -> dict:
         self.vae.train()
@@ -191,7 +274,11 @@ class Trainer:
         bar = tqdm(batches, total=num_batches, desc=f"epoch {epoch}", leave=False,
                    disable=not self.progress)
         for self._step, x in enumerate(bar, start=1):
-            loss = svi.step(x)
+            if self.aggressive:
+                self._train_guide(x)
+                loss = self._step_params(self.elbo, x, guide=False)
+            else:
+                loss = svi.step(x)
             if not math.isfinite(loss):
                 raise NonFiniteLossError(
                     f"the loss became {loss} in epoch {epoch} at step {self._step}. The last "
@@ -200,19 +287,72 @@ class Trainer:
                     f"(gaussian keeps sigma above min_scale).")
             total_loss += loss
             n_seen += x.shape[0]
-        return self._per_datapoint(total_loss, n_seen)
+        return self._per_datapoint(self.elbo, total_loss, n_seen)
+
+    def _train_guide(self, x: torch.Tensor) -> None:
+        """He et al. 2019: guide-only steps, on x and then on fresh random batches, until
+        the guide loss summed over a window stops decreasing."""
+        previous, window = math.inf, 0.0
+        for step in range(1, AGGRESSIVE_MAX_STEPS + 1):
+            window += self._step_params(self.guide_elbo, x, guide=True)
+            if step % AGGRESSIVE_WINDOW == 0:
+                if window >= previous:
+                    break
+                previous, window = window, 0.0
+            x = self._random_batch()
+
+    def _step_params(self, objective, x: torch.Tensor, guide: bool) -> float:
+        """One SVI step that updates only the guide's parameters, or only the model's."""
+        with poutine.trace(param_only=True) as capture:
+            loss = objective.loss_and_grads(self.vae.model, self.vae.guide, x)
+        params = {name: site["value"].unconstrained()
+                  for name, site in capture.trace.nodes.items()}
+        self.optim([p for name, p in params.items() if (name in self._guide_params) == guide])
+        zero_grads(set(params.values()))
+        return loss
+
+    def _random_batch(self) -> torch.Tensor:
+        # a fresh shuffle per batch, drawn from the trainer's generator, so that resuming
+        # replays it; train_batches also applies dynamic binarization
+        seed = int(torch.randint(2**62, (1,), generator=self.generator, device=self.device))
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        return next(self.data.train_batches(self.config.batch_size, generator))
 
     @torch.no_grad()
     def evaluate(self, batches, n: int) -> dict:
-        """ELBO, KL and reconstruction term on ``batches``, in nats per datapoint."""
+        """The true ELBO, KL and reconstruction term on ``batches`` (and the IWAE bound for
+        --elbo iwae), in nats per datapoint."""
         self.vae.eval()
-        self.elbo.reset_terms()
-        total_loss = 0.0
+        self.eval_elbo.reset_terms()
+        total_loss, total_iwae = 0.0, 0.0
+        model, guide = self.vae.model, self.vae.guide
         for x in batches:
-            total_loss += float(self.elbo.differentiable_loss(self.vae.model, self.vae.guide, x))
-        return self._per_datapoint(total_loss, n)
+            total_loss += float(self.eval_elbo.differentiable_loss(model, guide, x))
+            if self.eval_iwae is not None:
+                total_iwae -= float(self.eval_iwae.differentiable_loss(model, guide, x))
+        result = self._per_datapoint(self.eval_elbo, total_loss, n)
+        if self.eval_iwae is not None:
+            result["iwae"] = total_iwae / n
+        return result
 
-    def _per_datapoint(self, total_loss: float, n: int) -> dict:
-        recon = float(self.elbo.recon_total) / n
-        elbo = -total_loss / n
-        return {"elbo": elbo, "recon": recon, "kl": recon - elbo}
+    @staticmethod
+    def _per_datapoint(objective, total_loss: float, n: int) -> dict:
+        recon = float(objective.recon_total) / n
+        elbo = float(objective.elbo_total) / n
+        return {"elbo": elbo, "recon": recon, "kl": recon - elbo, "objective": -total_loss / n}
+
+
+def _param_names(fn, *args) -> set[str]:
+    """The names of the Pyro params ``fn`` registers, found without touching the global RNG."""
+    with torch.random.fork_rng(devices=[a.device for a in args if a.is_cuda]), torch.no_grad():
+        trace = poutine.trace(fn, param_only=True).get_trace(*args)
+    return set(trace.nodes)
+
+
+def _extras(metrics: dict) -> str:
+    """The log line's optional part; the objective only where it is not the ELBO."""
+    labels = {"test_iwae": "test IWAE", "beta": "beta", "mutual_info": "MI"}
+    if "test_iwae" in metrics or "beta" in metrics:
+        labels = {"objective": "objective", **labels}
+    return "".join(f"  {label} {metrics[key]:.3f}" for key, label in labels.items()
+                   if key in metrics)

@@ -92,7 +92,7 @@ class VAE(nn.Module):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """The mean of p(x|z) at z = the mean of q(z|x) (the median for heavy tails)."""
         q = self.encode(x)
-        z = _centre(q)
+        z = posterior_centre(q)
         return self.likelihood.mean(self.decoder(z))
 
     def sample(self, n: int) -> torch.Tensor:
@@ -162,7 +162,8 @@ class VAE(nn.Module):
         return vae.eval()
 
 
-def _centre(q):
+def posterior_centre(q):
+    """A point summary of q(z|x): its mean, or its median for a log-normal guide."""
     if isinstance(getattr(q, "base_dist", q), torch.distributions.LogNormal):
         return q.base_dist.loc.exp()  # the median: the mean exp(mu + s^2/2) is dominated by s
     return q.mean

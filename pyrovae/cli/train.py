@@ -12,7 +12,7 @@ from pyrovae.cli import parse_key_values
 from pyrovae.data import BINARIZE_MODES, DATASET_NAMES, load_dataset
 from pyrovae.families import GUIDES, LIKELIHOODS, PRIORS
 from pyrovae.networks import ACTIVATIONS
-from pyrovae.objectives import OBJECTIVES
+from pyrovae.objectives import ESTIMATORS, OBJECTIVES
 from pyrovae.training import METRICS_FILE, Trainer, TrainConfig
 from pyrovae.vae import CHECKPOINT_FILE, VAE
 
@@ -44,8 +44,26 @@ def add_parser(sub):
     model.add_argument("--hidden", type=int, nargs="+", default=[400])
     model.add_argument("--activation", default="softplus", choices=sorted(ACTIVATIONS))
     fit = p.add_argument_group("training")
-    fit.add_argument("--elbo", default="trace", choices=sorted(OBJECTIVES))
+    fit.add_argument("--elbo", default="trace", choices=sorted(OBJECTIVES),
+                     help="trace: Monte Carlo ELBO; meanfield: analytic KL where one exists; "
+                          "iwae: the importance-weighted bound over --num-particles")
     fit.add_argument("--num-particles", type=int, default=1)
+    fit.add_argument("--estimator", default="reparam", choices=ESTIMATORS,
+                     help="gradient estimator: reparam (Pyro's), stl (sticking the landing; "
+                          "trace or iwae), dreg (doubly reparameterized; iwae)")
+    fit.add_argument("--beta", type=float, default=1.0,
+                     help="KL weight (trace, meanfield); the log still reports the true ELBO")
+    fit.add_argument("--kl-anneal", type=int, default=0, metavar="EPOCHS",
+                     help="raise the KL weight linearly from --kl-anneal-start in epoch 1 to "
+                          "--beta in epoch EPOCHS+1")
+    fit.add_argument("--kl-anneal-start", type=float, default=0.0)
+    fit.add_argument("--free-bits", type=float, default=0.0, metavar="NATS",
+                     help="free bits per latent dimension (Kingma et al. 2016)")
+    fit.add_argument("--aggressive", action="store_true",
+                     help="aggressive inference-network training (He et al. 2019) until the "
+                          "mutual information I(x;z) plateaus")
+    fit.add_argument("--aggressive-patience", type=int, default=5, metavar="EPOCHS",
+                     help="epochs without a new highest I(x;z) that end --aggressive")
     fit.add_argument("--epochs", type=int, help=f"total epochs (default {DEFAULT_EPOCHS})")
     fit.add_argument("--batch-size", type=int, default=128)
     fit.add_argument("--lr", type=float, default=1e-3)
@@ -84,7 +102,11 @@ def build_trainer(args, progress: bool) -> Trainer:
     config = TrainConfig(dataset=args.dataset, data_dir=args.data_dir, binarize=args.binarize,
                          elbo=args.elbo, num_particles=args.num_particles,
                          epochs=args.epochs or DEFAULT_EPOCHS, batch_size=args.batch_size,
-                         lr=args.lr, seed=args.seed, device=args.device)
+                         lr=args.lr, seed=args.seed, device=args.device,
+                         estimator=args.estimator, beta=args.beta, kl_anneal=args.kl_anneal,
+                         kl_anneal_start=args.kl_anneal_start, free_bits=args.free_bits,
+                         aggressive=args.aggressive,
+                         aggressive_patience=args.aggressive_patience)
     binarize = config.resolved_binarize(args.likelihood)
     config.binarize = binarize
     data = load_dataset(config.dataset, config.data_dir, binarize=binarize, seed=config.seed)
@@ -99,7 +121,8 @@ def build_trainer(args, progress: bool) -> Trainer:
               likelihood_kwargs=parse_key_values(args.likelihood_param, "--likelihood-param"))
     log.info(f"{config.dataset}: {len(data.train)} train / {len(data.test)} test images of "
              f"{data.x_shape}, binarize={binarize}; prior={args.prior} guide={args.guide} "
-             f"likelihood={args.likelihood} z_dim={args.z_dim} elbo={config.elbo}; "
+             f"likelihood={args.likelihood} z_dim={args.z_dim} elbo={config.elbo} "
+             f"estimator={config.estimator}; "
              f"run folder {out}")
     return Trainer(vae, data, config, out=out, progress=progress)
 

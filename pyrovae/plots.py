@@ -1,0 +1,270 @@
+"""The figures of a run: matplotlib PNGs with fixed names and pixel sizes.
+
+``write_figures(run_folder, vae, dataset, metrics)`` writes all of them; each
+``plot_*`` function returns one ``Figure``. File names, sizes and contents are
+listed in ``docs/figures.md``. Every figure is ``FIGURE_SIZES[name]`` inches at
+``DPI`` dots per inch, saved without ``bbox_inches="tight"`` so that its size
+in pixels is fixed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: there may be no display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
+
+from pyrovae.errors import PyrovaeError  # noqa: E402
+from pyrovae.evaluation.diagnostics import (  # noqa: E402
+    encode, evaluating, kl_per_dim, model_device)
+from pyrovae.vae import posterior_centre  # noqa: E402
+
+DPI = 100
+FIGURE_SIZES = {  # inches; pixels are these times DPI
+    "reconstructions": (6, 6),
+    "prior_samples": (6, 6),
+    "interpolation": (8, 6),
+    "manifold": (6, 6),
+    "latent_scatter": (6, 6),
+    "training_curves": (12, 4),
+    "kl_per_dim": (6, 4),
+}
+FIGURE_FILES = {name: f"{name}.png" for name in FIGURE_SIZES}
+
+GRID_COLUMNS = 8
+INTERPOLATION_PAIRS = 6
+INTERPOLATION_STEPS = 10
+MANIFOLD_SIZE = 15
+MANIFOLD_QUANTILES = (0.05, 0.95)  # the outer quantiles: the tails decode to little
+QUANTILE_SAMPLES = 100_000
+
+
+def pixel_size(name: str) -> tuple[int, int]:
+    """(width, height) in pixels of the figure ``name``."""
+    width, height = FIGURE_SIZES[name]
+    return round(width * DPI), round(height * DPI)
+
+
+def write_figures(run_folder, vae, dataset, metrics: list[dict] | None = None,
+                  seed: int = 0) -> list[Path]:
+    """Write every figure that applies into ``run_folder``; return their paths.
+
+    The manifold needs a 2-D latent; the training curves need ``metrics`` (the
+    list in metrics.json). The test images to show are chosen with ``seed``;
+    prior draws use a private RNG stream seeded with it too.
+    """
+    folder = Path(run_folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    figures = {
+        "reconstructions": lambda: plot_reconstructions(vae, dataset.test, seed),
+        "prior_samples": lambda: plot_prior_samples(vae, seed),
+        "interpolation": lambda: plot_interpolation(vae, dataset.test, seed),
+        "latent_scatter": lambda: plot_latent_scatter(vae, dataset.test, dataset.test_labels),
+        "kl_per_dim": lambda: plot_kl_per_dim(vae, dataset.test, seed),
+    }
+    if vae.z_dim == 2:
+        figures["manifold"] = lambda: plot_manifold(vae)
+    if metrics:
+        figures["training_curves"] = lambda: plot_training_curves(metrics)
+    written = []
+    for name, make in figures.items():
+        path = folder / FIGURE_FILES[name]
+        save(make(), path)
+        written.append(path)
+    return written
+
+
+def save(fig: Figure, path) -> None:
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- image grids
+
+
+def plot_reconstructions(vae, x: torch.Tensor, seed: int = 0, rows: int = 4) -> Figure:
+    """Rows of test inputs, each over the row of their reconstructions."""
+    k = rows * GRID_COLUMNS
+    chosen = x[_choose(len(x), k, seed, replacement=len(x) < k)].cpu()
+    with evaluating(vae):
+        recon = vae.reconstruct(chosen.to(model_device(vae))).cpu()
+    pairs = torch.stack([chosen.reshape(rows, GRID_COLUMNS, *chosen.shape[1:]),
+                         recon.reshape(rows, GRID_COLUMNS, *recon.shape[1:])], dim=1)
+    return _image_figure("reconstructions", pairs.flatten(0, 2), GRID_COLUMNS,
+                         "test inputs (odd rows) over their reconstructions")
+
+
+def plot_prior_samples(vae, seed: int = 0, n: int = 64) -> Figure:
+    """The mean image of p(x|z) for z drawn from the prior."""
+    with evaluating(vae, seed):
+        images = vae.sample(n).cpu()
+    return _image_figure("prior_samples", images, GRID_COLUMNS, "mean of p(x|z), z ~ p(z)")
+
+
+def plot_interpolation(vae, x: torch.Tensor, seed: int = 0, pairs: int = INTERPOLATION_PAIRS,
+                       steps: int = INTERPOLATION_STEPS) -> Figure:
+    """For random pairs of test images (chosen by ``seed``): each row shows the
+    first image, the decoded straight line between their encodings, and the second."""
+    if len(x) < 2:
+        raise PyrovaeError("interpolation needs at least 2 test images.")
+    chosen = x[_choose(len(x), 2 * pairs, seed, replacement=len(x) < 2 * pairs)].cpu()
+    with evaluating(vae):
+        device = model_device(vae)
+        z = posterior_centre(encode(vae, chosen)).reshape(pairs, 2, -1)
+        weight = torch.linspace(0, 1, steps, device=device).reshape(1, steps, 1)
+        line = (1 - weight) * z[:, :1] + weight * z[:, 1:]
+        decoded = vae.likelihood.mean(vae.decoder(line)).cpu()
+    ends = chosen.reshape(pairs, 2, *chosen.shape[1:])
+    rows = torch.cat([ends[:, :1], decoded, ends[:, 1:]], dim=1)
+    return _image_figure("interpolation", rows.flatten(0, 1), steps + 2,
+                         "linear interpolation between encoded test images (ends: inputs)")
+
+
+def plot_manifold(vae, size: int = MANIFOLD_SIZE) -> Figure:
+    """The decoded 2-D latent space over a grid of prior quantiles (Kingma & Welling 2014,
+    figure 4): column j, row i decodes z = (F1^-1(u_j), F2^-1(u_i)), with u from
+    0.05 to 0.95 and the second coordinate increasing upwards."""
+    if vae.z_dim != 2:
+        raise PyrovaeError(f"the manifold figure needs z_dim=2, but this VAE has z_dim="
+                           f"{vae.z_dim}; the latent scatter works for any z_dim.")
+    device = model_device(vae)
+    with evaluating(vae, seed=0):
+        levels = torch.linspace(*MANIFOLD_QUANTILES, size, device=device)
+        quantiles, method = prior_quantiles(vae, levels)  # (size, 2)
+        z1, z2 = torch.meshgrid(quantiles[:, 0], quantiles[:, 1].flip(0), indexing="xy")
+        z = torch.stack([z1, z2], dim=-1).reshape(-1, 2)
+        images = vae.likelihood.mean(vae.decoder(z)).cpu()
+    return _image_figure("manifold", images, size,
+                         f"p(x|z) mean over prior quantiles {MANIFOLD_QUANTILES} ({method})")
+
+
+def prior_quantiles(vae, levels: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """Quantiles of each latent dimension's prior at ``levels``: (len(levels), z_dim).
+
+    Exact through ``icdf`` where torch has it (Normal, Laplace, Exponential, and
+    LogNormal through its transform); otherwise (StudentT, Gamma) estimated by
+    sorting QUANTILE_SAMPLES prior draws, as torch has no inverse CDF for them.
+    """
+    base = vae.prior(levels).base_dist
+    try:
+        return base.icdf(levels.unsqueeze(-1)), "exact"
+    except NotImplementedError:
+        draws = base.sample((QUANTILE_SAMPLES,))
+        return torch.quantile(draws, levels, dim=0), f"from {QUANTILE_SAMPLES} draws"
+
+
+def _image_figure(name: str, images: torch.Tensor, columns: int, title: str) -> Figure:
+    grid = make_grid(_as_channels(images.cpu()).clamp(0, 1), nrow=columns, padding=1, pad_value=1.0)
+    fig = plt.figure(figsize=FIGURE_SIZES[name], dpi=DPI)
+    ax = fig.add_axes((0.02, 0.02, 0.96, 0.9))
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_axis_off()
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def _as_channels(images: torch.Tensor) -> torch.Tensor:
+    """make_grid takes (B, C, H, W); pyrovae's images are (B, H, W)."""
+    if images.dim() == 3:
+        return images.unsqueeze(1)
+    if images.dim() == 4 and images.shape[1] in (1, 3):
+        return images
+    raise PyrovaeError(f"cannot draw images of shape {tuple(images.shape[1:])}: the figures "
+                       f"take (H, W), (1, H, W) or (3, H, W) images.")
+
+
+def _choose(n: int, k: int, seed: int, replacement: bool = False) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    if replacement:
+        return torch.randint(n, (k,), generator=generator)
+    return torch.randperm(n, generator=generator)[:k]
+
+
+# ---------------------------------------------------------------- plots
+
+
+def plot_latent_scatter(vae, x: torch.Tensor, labels: torch.Tensor | None = None) -> Figure:
+    """Encoded test means (medians for a lognormal guide), coloured by label: the
+    two coordinates themselves for z_dim=2, the first two principal components
+    for more, and the one coordinate against the label for z_dim=1."""
+    with evaluating(vae):
+        z = posterior_centre(encode(vae, x)).cpu().numpy()
+    fig = plt.figure(figsize=FIGURE_SIZES["latent_scatter"], dpi=DPI)
+    ax = fig.add_subplot()
+    colours = dict(c="tab:blue") if labels is None else dict(
+        c=labels.cpu().numpy(), cmap="tab10", vmin=-0.5, vmax=9.5)
+    if vae.z_dim == 1:
+        y = labels.cpu().numpy() if labels is not None else torch.zeros(len(z)).numpy()
+        points = ax.scatter(z[:, 0], y, s=4, alpha=0.5, **colours)
+        ax.set_xlabel("z1")
+        ax.set_ylabel("label" if labels is not None else "")
+    elif vae.z_dim == 2:
+        points = ax.scatter(z[:, 0], z[:, 1], s=4, alpha=0.6, **colours)
+        ax.set_xlabel("z1")
+        ax.set_ylabel("z2")
+    else:
+        from sklearn.decomposition import PCA
+
+        pca = PCA(n_components=2, svd_solver="full").fit(z)
+        projected = pca.transform(z)
+        points = ax.scatter(projected[:, 0], projected[:, 1], s=4, alpha=0.6, **colours)
+        share = pca.explained_variance_ratio_ * 100
+        ax.set_xlabel(f"PC1 ({share[0]:.0f}% of variance)")
+        ax.set_ylabel(f"PC2 ({share[1]:.0f}% of variance)")
+    if labels is not None:
+        fig.colorbar(points, ax=ax, ticks=range(10), label="label")
+    ax.set_title(f"encoded test set, z_dim={vae.z_dim}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+CURVES = (  # panel title, train key, test key
+    ("ELBO", "train_elbo", "test_elbo"),
+    ("KL(q(z|x) || p(z))", "train_kl", "kl"),
+    ("reconstruction E_q[log p(x|z)]", "train_recon", "recon"),
+)
+
+
+def plot_training_curves(metrics: list[dict]) -> Figure:
+    """ELBO, KL and reconstruction term per epoch (nats per datapoint), train and test."""
+    if not metrics:
+        raise PyrovaeError("no metrics to plot: metrics.json is empty; train for an epoch first.")
+    epochs = [m["epoch"] for m in metrics]
+    fig, axes = plt.subplots(1, len(CURVES), figsize=FIGURE_SIZES["training_curves"], dpi=DPI)
+    for ax, (title, train_key, test_key) in zip(axes, CURVES):
+        marker = "o" if len(epochs) < 20 else None
+        ax.plot(epochs, [m[train_key] for m in metrics], label="train", marker=marker)
+        ax.plot(epochs, [m[test_key] for m in metrics], label="test", marker=marker)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("nats per datapoint")
+    axes[0].legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_kl_per_dim(vae, x: torch.Tensor, seed: int = 0) -> Figure:
+    """E_x KL(q(z_u|x) || p(z_u)) per latent dimension u on ``x``, largest first."""
+    with evaluating(vae, seed):
+        q = encode(vae, x)
+        kl, method = kl_per_dim(q, vae.prior(q.mean))
+    kl = kl.cpu()
+    order = kl.argsort(descending=True)
+    fig = plt.figure(figsize=FIGURE_SIZES["kl_per_dim"], dpi=DPI)
+    ax = fig.add_subplot()
+    ax.bar(range(len(kl)), kl[order].numpy(), color="tab:blue")
+    ax.set_xticks(range(len(kl)), [str(int(u) + 1) for u in order],
+                  fontsize=8 if len(kl) <= 32 else 5, rotation=0 if len(kl) <= 32 else 90)
+    ax.set_xlabel("latent dimension (sorted)")
+    ax.set_ylabel("KL (nats)")
+    ax.set_title(f"KL per latent dimension on the test set ({method}); "
+                 f"total {float(kl.sum()):.2f}", fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,93 @@
+import dataclasses
+import math
+
+import matplotlib.image
+import pytest
+import scipy.stats
+import torch
+
+from pyrovae.cli import main
+from pyrovae.errors import PyrovaeError
+from pyrovae.plots import (
+    FIGURE_FILES,
+    QUANTILE_SAMPLES,
+    pixel_size,
+    plot_manifold,
+    prior_quantiles,
+    write_figures,
+)
+from pyrovae.training import Trainer, TrainConfig
+from pyrovae.vae import VAE
+
+
+def assert_figures(paths, names):
+    assert sorted(p.name for p in paths) == sorted(FIGURE_FILES[n] for n in names)
+    for path in paths:
+        height, width = matplotlib.image.imread(path).shape[:2]
+        assert (width, height) == pixel_size(path.stem), path.name
+
+
+def test_plot_command_writes_every_figure_of_a_trained_2d_run(binary_digits, tmp_path):
+    run = tmp_path / "run"
+    vae = VAE(binary_digits.x_shape, z_dim=2, hidden=(64,))
+    config = TrainConfig(epochs=2, batch_size=500, device="cpu", binarize="static")
+    Trainer(vae, binary_digits, config, out=run, progress=False).fit()
+    assert main(["plot", str(run)]) == 0
+    assert_figures(sorted(run.glob("*.png")), FIGURE_FILES)
+
+
+def test_figures_for_a_larger_latent_without_labels_or_metrics(digits, tmp_path):
+    unlabelled = dataclasses.replace(digits, train_labels=None, test_labels=None)
+    vae = VAE(digits.x_shape, z_dim=5, likelihood="continuous-bernoulli", hidden=(32,))
+    written = write_figures(tmp_path, vae, unlabelled, metrics=None)
+    # no manifold (z_dim != 2), no training curves (no metrics); PCA for the scatter
+    assert_figures(written, ["reconstructions", "prior_samples", "interpolation",
+                             "latent_scatter", "kl_per_dim"])
+
+
+def test_figures_for_a_one_dimensional_latent(digits, tmp_path):
+    vae = VAE(digits.x_shape, z_dim=1, prior="laplace", guide="laplace", likelihood="gaussian",
+              hidden=(32,))
+    assert_figures(write_figures(tmp_path, vae, digits), ["reconstructions", "prior_samples",
+                   "interpolation", "latent_scatter", "kl_per_dim"])
+
+
+def test_manifold_needs_a_2d_latent(digits):
+    with pytest.raises(PyrovaeError, match="z_dim=2"):
+        plot_manifold(VAE(digits.x_shape, z_dim=3))
+
+
+LEVELS = torch.tensor([0.05, 0.5, 0.95])
+
+
+@pytest.mark.parametrize("prior, kwargs, exact", [
+    ("normal", {"loc": 1.0, "scale": 2.0}, scipy.stats.norm(1.0, 2.0).ppf(LEVELS.numpy())),
+    ("lognormal", {}, scipy.stats.lognorm(1.0).ppf(LEVELS.numpy())),
+    ("exponential", {"rate": 2.0}, scipy.stats.expon(scale=0.5).ppf(LEVELS.numpy())),
+])
+def test_prior_quantiles_are_exact_through_icdf(prior, kwargs, exact):
+    vae = VAE((4,), z_dim=2, prior=prior, prior_kwargs=kwargs,
+              guide="lognormal" if prior != "normal" else "normal", likelihood="gaussian-fixed")
+    quantiles, method = prior_quantiles(vae, LEVELS)
+    assert method == "exact"
+    expected = torch.as_tensor(exact, dtype=torch.float32).unsqueeze(-1).expand(3, 2)
+    torch.testing.assert_close(quantiles, expected)
+
+
+@pytest.mark.parametrize("prior, kwargs, frozen", [
+    ("student-t", {"df": 3.0}, scipy.stats.t(3.0)),
+    ("gamma", {"concentration": 2.0, "rate": 1.0}, scipy.stats.gamma(2.0)),
+])
+def test_prior_quantiles_from_draws_where_torch_has_no_icdf(prior, kwargs, frozen):
+    guide = "normal" if prior == "student-t" else "lognormal"
+    vae = VAE((4,), z_dim=2, prior=prior, prior_kwargs=kwargs, guide=guide,
+              likelihood="gaussian-fixed")
+    quantiles, method = prior_quantiles(vae, LEVELS)
+    assert method.startswith("from")
+    # SE of a sample quantile: sqrt(u (1 - u) / n) / density at the quantile
+    levels = LEVELS.numpy()
+    exact = frozen.ppf(levels)
+    se = (levels * (1 - levels) / QUANTILE_SAMPLES) ** 0.5 / frozen.pdf(exact)
+    for dim in range(2):
+        assert (abs(quantiles[:, dim].numpy() - exact) < 5 * se).all(), (quantiles, exact, se)
+    assert math.isfinite(float(quantiles.sum()))
