@@ -397,21 +397,6 @@ def make_elbo(name: str, num_particles: int = 1, vectorize_particles: bool = Tru
 # ---------------------------------------------------------------- diagnostics
 
 
-def mutual_information(q: torch.distributions.Distribution) -> torch.Tensor:
-    """I(x; z) under q on one batch (He et al. 2019): E_x[KL(q(z|x) || q(z))].
-
-    q(z) is approximated by the mixture of the batch's q(z|x_n), so the
-    estimate is at most log(batch size). ``q`` has batch shape (B,); with one
-    z_i ~ q(z|x_i) per datapoint, I = mean_i [log q(z_i|x_i) - log (1/B) sum_n
-    q(z_i|x_n)]. Monte Carlo for log q(z_i|x_i), so that any guide family works.
-    """
-    z = q.sample()
-    log_q_own = q.log_prob(z)
-    log_q_all = q.log_prob(z.unsqueeze(1))  # [i, n] = log q(z_i | x_n)
-    log_q_marginal = torch.logsumexp(log_q_all, dim=1) - math.log(z.shape[0])
-    return (log_q_own - log_q_marginal).mean()
-
-
 class KLSite(NamedTuple):
     site: str
     guide: str      # class name of the guide's base distribution

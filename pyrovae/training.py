@@ -23,13 +23,15 @@ from tqdm.auto import tqdm
 
 from pyrovae.atomic import atomic_torch_save, atomic_write_json
 from pyrovae.data import Dataset, load_dataset
-from pyrovae.errors import NonFiniteLossError
-from pyrovae.objectives import describe_kl_methods, kl_methods, make_elbo, mutual_information
+from pyrovae.errors import NonFiniteLossError, PyrovaeError
+from pyrovae.evaluation.diagnostics import collapse_diagnostics
+from pyrovae.objectives import describe_kl_methods, kl_methods, make_elbo
 from pyrovae.vae import CHECKPOINT_FILE, CONFIG_FILE, VAE
 
 log = logging.getLogger("pyrovae")
 
 METRICS_FILE = "metrics.json"
+DIAGNOSTIC_KEYS = ("active_units", "kl_per_dim", "mutual_information", "mutual_information_se")
 
 # Aggressive inference-network training (He et al. 2019): at most this many guide
 # steps before each model step, stopping early when the guide loss summed over a
@@ -85,6 +87,24 @@ def resolve_device(name: str) -> torch.device:
     if name != "cpu" and not name.startswith("cuda"):
         raise ValueError(f"unknown device {name!r}; use cpu, cuda or auto.")
     return torch.device(name)
+
+
+def load_run(folder, data_dir: str | None = None, device="cpu") -> tuple[VAE, Dataset, TrainConfig]:
+    """A run folder's trained VAE (in eval mode, on ``device``), its data set as
+    training loaded it (same binarization and seed), and its TrainConfig."""
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).is_file():
+        raise PyrovaeError(f"{folder} holds no {CONFIG_FILE}: pass the folder of a run written "
+                           f"by pyrovae train.")
+    with open(folder / CONFIG_FILE) as f:
+        saved = json.load(f)
+    config = TrainConfig(**saved["training"])
+    if data_dir is not None:
+        config.data_dir = data_dir
+    vae = VAE.load(folder, map_location=device).to(device)
+    data = load_dataset(config.dataset, config.data_dir, seed=config.seed,
+                        binarize=config.resolved_binarize(saved["model"]["likelihood"]["name"]))
+    return vae, data, config
 
 
 class Trainer:
@@ -156,21 +176,14 @@ class Trainer:
                device: str | None = None) -> "Trainer":
         """Rebuild a run from its folder and continue to ``epochs`` in total."""
         folder = Path(folder)
-        with open(folder / CONFIG_FILE) as f:
-            saved = json.load(f)
-        config = TrainConfig(**saved["training"])
+        vae, data, config = load_run(folder)
         if epochs is not None:
             config.epochs = epochs
         if device is not None:
             config.device = device
-        vae = VAE.from_config(saved["model"])
-        data = load_dataset(config.dataset, config.data_dir,
-                            binarize=config.resolved_binarize(saved["model"]["likelihood"]["name"]),
-                            seed=config.seed)
-        trainer = cls(vae, data, config, out=folder, progress=progress)
+        trainer = cls(vae.train(), data, config, out=folder, progress=progress)
         checkpoint = torch.load(folder / CHECKPOINT_FILE, map_location=trainer.device,
                                 weights_only=True)
-        trainer.vae.load_state_dict(checkpoint["model"])
         trainer.optim.set_state(checkpoint["optimizer"])
         trainer.epoch = checkpoint["epoch"]
         if "aggressive" in checkpoint:
@@ -230,9 +243,13 @@ class Trainer:
                 metrics["test_iwae"] = test["iwae"]
             if self.config.kl_weighted:
                 metrics["beta"] = beta
+            # posterior-collapse diagnostics; they draw from their own RNG stream, so that
+            # training samples the same with or without them
+            diagnostics = collapse_diagnostics(self.vae, self.data.test, seed=self.config.seed)
+            metrics.update({key: diagnostics[key] for key in DIAGNOSTIC_KEYS})
             if aggressive:
                 metrics["aggressive"] = True
-                metrics["mutual_info"] = self._update_aggressive(epoch)
+                self._update_aggressive(epoch, diagnostics["mutual_information"])
             metrics["seconds"] = time.perf_counter() - started
             self.metrics.append(metrics)
             self._save()
@@ -241,11 +258,10 @@ class Trainer:
                      f"recon {test['recon']:.3f}" + _extras(metrics) + "  (nats per datapoint)")
         return self.metrics
 
-    def _update_aggressive(self, epoch: int) -> float:
+    def _update_aggressive(self, epoch: int, mutual_information: float) -> None:
         """He et al. 2019: leave aggressive mode once I(x;z) under q stops climbing. The
         estimate is noisy, so it must make no new high for ``patience`` epochs."""
-        mi = self.mutual_information(self.data.test_batches(self.config.batch_size))
-        self.mutual_info.append(mi)
+        self.mutual_info.append(mutual_information)
         patience = self.config.aggressive_patience
         if len(self.mutual_info) > patience and \
                 max(self.mutual_info[-patience:]) <= max(self.mutual_info[:-patience]):
@@ -253,17 +269,6 @@ class Trainer:
             log.info(f"aggressive inference training off at epoch {epoch}: mutual information "
                      f"plateaued at {max(self.mutual_info):.3f} nats (no new high in "
                      f"{patience} epochs).")
-        return mi
-
-    @torch.no_grad()
-    def mutual_information(self, batches) -> float:
-        """I(x;z) under q, averaged over ``batches`` (see ``objectives.mutual_information``)."""
-        self.vae.eval()
-        total, n = 0.0, 0
-        for x in batches:
-            total += float(mutual_information(self.vae.encode(x))) * x.shape[0]
-            n += x.shape[0]
-        return total / n
 
     def _train_epoch(self, svi: SVI, epoch: int) -> dict:
         self.vae.train()
@@ -351,7 +356,8 @@ def _param_names(fn, *args) -> set[str]:
 
 def _extras(metrics: dict) -> str:
     """The log line's optional part; the objective only where it is not the ELBO."""
-    labels = {"test_iwae": "test IWAE", "beta": "beta", "mutual_info": "MI"}
+    labels = {"test_iwae": "test IWAE", "beta": "beta", "active_units": "active units",
+              "mutual_information": "MI"}
     if "test_iwae" in metrics or "beta" in metrics:
         labels = {"objective": "objective", **labels}
     return "".join(f"  {label} {metrics[key]:.3f}" for key, label in labels.items()

@@ -9,7 +9,7 @@ import sys
 
 from pyrovae.errors import NonFiniteLossError, PyrovaeError
 
-SUBCOMMANDS = ("train", "evaluate")
+SUBCOMMANDS = ("train", "evaluate", "plot")
 
 
 def main(argv=None) -> int:

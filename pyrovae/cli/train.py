@@ -10,9 +10,11 @@ import pyro
 
 from pyrovae.cli import parse_key_values
 from pyrovae.data import BINARIZE_MODES, DATASET_NAMES, load_dataset
+from pyrovae.evaluation.marginal import evaluate_run
 from pyrovae.families import GUIDES, LIKELIHOODS, PRIORS
 from pyrovae.networks import ACTIVATIONS
 from pyrovae.objectives import ESTIMATORS, OBJECTIVES
+from pyrovae.plots import write_figures
 from pyrovae.training import METRICS_FILE, Trainer, TrainConfig
 from pyrovae.vae import CHECKPOINT_FILE, VAE
 
@@ -74,6 +76,9 @@ def add_parser(sub):
                      help="continue the run in --out up to --epochs; model flags are read "
                           "from its config.json")
     fit.add_argument("--no-progress", action="store_true", help="no progress bar")
+    fit.add_argument("--eval-samples", type=int, metavar="K",
+                     help="at the end, estimate the test-set log p(x) with K importance samples "
+                          "(as pyrovae evaluate; papers use 5000)")
     p.set_defaults(run=run)
     return p
 
@@ -91,6 +96,12 @@ def run(args) -> int:
     if trainer.interrupted:
         return 130
     summarize(trainer, metrics)
+    figures = write_figures(trainer.out, trainer.vae, trainer.data, metrics,
+                            seed=trainer.config.seed)
+    log.info(f"figures: {', '.join(path.name for path in figures)}")
+    if args.eval_samples:
+        evaluate_run(trainer.out, args.eval_samples, seed=trainer.config.seed,
+                     device=str(trainer.device), progress=progress)
     return 0
 
 

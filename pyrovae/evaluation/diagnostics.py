@@ -14,6 +14,7 @@ All three come from one pass of the encoder over the data, so that
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import warnings
 
@@ -173,12 +174,18 @@ def _base(d: Distribution) -> Distribution:
 
 
 def import_arviz():
-    """ArviZ, without its once-a-day FutureWarning about a coming refactor."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing a major refactor",
-                                category=FutureWarning)
-        import arviz
-
+    """ArviZ, without what it says on import: a FutureWarning about its coming
+    refactor, and INFO lines on missing preview packages. Neither is the user's concern."""
+    preview_log = logging.getLogger("arviz.preview")
+    level = preview_log.level
+    preview_log.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing a major refactor",
+                                    category=FutureWarning)
+            import arviz
+    finally:
+        preview_log.setLevel(level)
     return arviz
 
 

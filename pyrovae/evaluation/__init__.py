@@ -1,0 +1,16 @@
+"""Evaluation of trained VAEs: importance-sampled log p(x) per datapoint, with ESS,
+Monte Carlo standard errors and PSIS k-hat (``docs/marginal_likelihood.md``), and
+posterior-collapse diagnostics (``docs/diagnostics.md``)."""
+
+from pyrovae.evaluation.diagnostics import collapse_diagnostics, posterior_draws
+from pyrovae.evaluation.marginal import (
+    LogLikelihoodEstimate,
+    evaluate_run,
+    iwae_bounds,
+    log_likelihood,
+    log_weights,
+    pareto_khat,
+)
+
+__all__ = ["LogLikelihoodEstimate", "log_likelihood", "log_weights", "pareto_khat",
+           "iwae_bounds", "evaluate_run", "collapse_diagnostics", "posterior_draws"]
