@@ -22,7 +22,7 @@ from torchvision.utils import make_grid  # noqa: E402
 
 from pyrovae.errors import PyrovaeError  # noqa: E402
 from pyrovae.evaluation.diagnostics import (  # noqa: E402
-    encode, evaluating, kl_per_dim, model_device)
+    encode, evaluating, factorizes, kl_per_dim, model_device)
 from pyrovae.vae import posterior_centre  # noqa: E402
 
 DPI = 100
@@ -55,8 +55,9 @@ def write_figures(run_folder, vae, dataset, metrics: list[dict] | None = None,
                   seed: int = 0) -> list[Path]:
     """Write every figure that applies into ``run_folder``; return their paths.
 
-    The manifold needs a 2-D latent; the training curves need ``metrics`` (the
-    list in metrics.json). The test images to show are chosen with ``seed``;
+    The manifold needs a 2-D latent, and it and the KL per dimension need a prior
+    and guide that factorize over dimensions; the training curves need
+    ``metrics`` (the list in metrics.json). The test images to show are chosen with ``seed``;
     prior draws use a private RNG stream seeded with it too.
     """
     folder = Path(run_folder)
@@ -66,9 +67,13 @@ def write_figures(run_folder, vae, dataset, metrics: list[dict] | None = None,
         "prior_samples": lambda: plot_prior_samples(vae, seed),
         "interpolation": lambda: plot_interpolation(vae, dataset.test, seed),
         "latent_scatter": lambda: plot_latent_scatter(vae, dataset.test, dataset.test_labels),
-        "kl_per_dim": lambda: plot_kl_per_dim(vae, dataset.test, seed),
     }
-    if vae.z_dim == 2:
+    with evaluating(vae):
+        like = dataset.test[:2].to(model_device(vae))
+        factorized = factorizes(vae.prior(like)) and factorizes(vae.encode(like))
+    if factorized:
+        figures["kl_per_dim"] = lambda: plot_kl_per_dim(vae, dataset.test, seed)
+    if vae.z_dim == 2 and factorized:
         figures["manifold"] = lambda: plot_manifold(vae)
     if metrics:
         figures["training_curves"] = lambda: plot_training_curves(metrics)

@@ -159,3 +159,19 @@ def test_trains_on_cuda(tmp_path, guide, prior, likelihood):
     metrics = trainer.fit()
     assert torch.isfinite(torch.tensor(metrics[-1]["test_elbo"]))
     assert all(p.is_cuda for p in trainer.vae.parameters())
+
+
+def test_a_custom_mixture_prior_trains_with_diagnostics_and_figures(tmp_path):
+    from test_vae import MixturePrior
+
+    from pyrovae.plots import write_figures
+
+    config = TrainConfig(dataset="digits", binarize="static", epochs=1, batch_size=256)
+    data = load_dataset("digits", binarize="static")
+    vae = VAE(data.x_shape, z_dim=2, prior=MixturePrior(2), hidden=(32,))
+    metrics = Trainer(vae, data, config, out=tmp_path, progress=False).fit()
+    # a mixture has no per-dimension KL: said, not faked
+    assert metrics[-1]["kl_per_dim"] is None and metrics[-1]["active_units"] >= 0
+    names = {p.name for p in write_figures(tmp_path, vae, data, metrics)}
+    assert "kl_per_dim.png" not in names and "manifold.png" not in names
+    assert {"reconstructions.png", "training_curves.png"} <= names

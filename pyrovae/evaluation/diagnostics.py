@@ -149,21 +149,30 @@ def collapse_diagnostics(vae, x: torch.Tensor, threshold: float = ACTIVITY_THRES
         q = encode(vae, x, batch_size)
         variance = posterior_mean_variance(q)
         prior = vae.prior(variance)
-        kl, method = kl_per_dim(q, prior, kl_method, kl_samples)
+        if factorizes(q) and factorizes(prior):
+            kl, method = kl_per_dim(q, prior, kl_method, kl_samples)
+            kl = kl.tolist()
+        else:  # a mixture prior, say: there is no KL of one dimension alone
+            kl, method = None, "none: the prior or guide does not factorize over dimensions"
         mi, mi_se = mutual_information(q, mi_points)
     return {
         "active_units": int((variance > threshold).sum()),
         "posterior_mean_variance": variance.tolist(),
-        "kl_per_dim": kl.tolist(),
+        "kl_per_dim": kl,
         "kl_per_dim_method": method,
         "mutual_information": mi,
         "mutual_information_se": mi_se,
     }
 
 
+def factorizes(d: Distribution) -> bool:
+    """Whether ``d`` is a product over z's dimensions, as pyrovae's families are."""
+    return isinstance(d, torch.distributions.Independent)
+
+
 def _base(d: Distribution) -> Distribution:
     """The per-dimension distribution under ``Independent(..., 1)``."""
-    if not isinstance(d, torch.distributions.Independent):
+    if not factorizes(d):
         raise PyrovaeError(
             f"expected q(z|x) and p(z) as Independent distributions over z's dimensions, got "
             f"{type(d).__name__}; build them with .to_event(1) as pyrovae's families do.")
