@@ -12,6 +12,7 @@ from typing import ClassVar
 
 import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributions import constraints
 
@@ -33,7 +34,12 @@ class Likelihood(Family):
         self.x_shape = tuple(x_shape)
 
     def constrain(self, raw: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(raw.unbind(-len(self.x_shape) - 1))
+        dim = -len(self.x_shape) - 1
+        if raw.shape[dim] == 1:
+            # squeeze's backward is a view; unbind's stacks a copy of the image-sized
+            # gradient, which cost 4 % of a batch-1024 step
+            return (raw.squeeze(dim),)
+        return tuple(raw.unbind(dim))
 
     def forward(self, raw: torch.Tensor) -> dist.Distribution:
         return self.make_dist(*self.constrain(raw)).to_event(len(self.x_shape))
@@ -50,12 +56,32 @@ def _bad_count(mask: torch.Tensor) -> str:
     return f"{int(mask.sum())} of {mask.numel()} values"
 
 
+class BernoulliImage(dist.Independent):
+    """Independent Bernoulli pixels whose log_prob negates the binary cross-entropy
+    after summing it over the image rather than before.
+
+    The value is the same bit for bit (negation is exact, and the sum runs in
+    the same order), but one image-sized tensor fewer is made forward and
+    backward, which was 4 % of an SVI step at batch 1024 on CPU.
+    """
+
+    def log_prob(self, value):
+        logits, value = torch.broadcast_tensors(self.base_dist.logits, value)
+        cross_entropy = F.binary_cross_entropy_with_logits(logits, value, reduction="none")
+        n = self.reinterpreted_batch_ndims
+        return -cross_entropy.reshape(cross_entropy.shape[:cross_entropy.dim() - n] + (-1,)).sum(-1)
+
+
 @register_likelihood
 class BernoulliLikelihood(Likelihood):
     """Binary pixels; the decoder outputs logits."""
 
     name = "bernoulli"
     support = constraints.boolean
+
+    def forward(self, raw):
+        return BernoulliImage(self.make_dist(*self.constrain(raw)), len(self.x_shape),
+                              validate_args=False)
 
     def make_dist(self, logits):
         return dist.Bernoulli(logits=logits, validate_args=False)
