@@ -46,7 +46,8 @@ from pyrovae import VAE, load_dataset
 from pyrovae.data import default_cache_dir
 from pyrovae.families.likelihoods import BernoulliLikelihood
 from pyrovae.objectives import make_elbo
-from pyrovae.training import FusedOptim, FusedSVI, Trainer, TrainConfig
+from pyrovae.svi import FusedOptim, FusedSVI
+from pyrovae.training import Trainer, TrainConfig
 
 TAX_BATCHES = (128, 1024)
 GPU_BATCHES = (128, 1024, 4096)

@@ -29,23 +29,29 @@ from torch.distributions.utils import lazy_property
 
 from pyrovae.errors import PyrovaeError, UnknownNameError
 
-class RecordsTerms:
-    """Mixin for a Pyro ELBO: records the reconstruction term and the ELBO of every step.
 
-    ``recon_total`` and ``elbo_total`` accumulate (as tensors, so that no step
-    waits on the device) E_q[log p(x|z)] and the ELBO, summed over datapoints
-    and averaged over particles; the trainer reads them once per epoch.
-    """
+class Terms:
+    """Mixin for a Pyro ELBO: ``recon_total`` and ``elbo_total`` accumulate (as
+    tensors, so that no step waits on the device) E_q[log p(x|z)] and the true
+    ELBO, summed over datapoints and averaged over particles; the trainer reads
+    them once per epoch and calls ``reset_terms``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reset_terms()
 
     def reset_terms(self):
         self.recon_total = 0.0
         self.elbo_total = 0.0
 
+
+class RecordsTerms(Terms):
+    """Records the terms of Pyro's ``Trace_ELBO`` and ``TraceMeanField_ELBO``."""
+
     def _differentiable_loss_particle(self, model_trace, guide_trace):
         loss, surrogate_loss = super()._differentiable_loss_particle(model_trace, guide_trace)
-        self.recon_total = getattr(self, "recon_total", 0.0) + (
-            _observed_log_prob(model_trace) / self.num_particles)
-        self.elbo_total = getattr(self, "elbo_total", 0.0) - loss / self.num_particles
+        self.recon_total = self.recon_total + _observed_log_prob(model_trace) / self.num_particles
+        self.elbo_total = self.elbo_total - loss / self.num_particles
         return loss, surrogate_loss
 
 
@@ -115,7 +121,7 @@ class STL_Trace_ELBO(StickingTheLanding, RecordingTrace_ELBO):
 # ---------------------------------------------------------------- IWAE
 
 
-class IWAE_ELBO(RenyiELBO):
+class IWAE_ELBO(Terms, RenyiELBO):
     """The IWAE bound (Burda et al. 2016): Pyro's ``RenyiELBO`` with alpha = 0.
 
     Pyro's maintainers doubt ``RenyiELBO`` for models with local latents,
@@ -140,11 +146,6 @@ class IWAE_ELBO(RenyiELBO):
         super().__init__(alpha=0, num_particles=num_particles,
                          max_plate_nesting=max_plate_nesting,
                          vectorize_particles=vectorize_particles)
-        self.reset_terms()
-
-    def reset_terms(self):
-        self.recon_total = 0.0
-        self.elbo_total = 0.0  # the ELBO estimated from the same particles: mean_k log w_k
 
     def _get_traces(self, model, guide, args, kwargs):
         # every path, Pyro's loss and loss_and_grads included, traces through here
@@ -243,7 +244,7 @@ def _observed_log_prob(model_trace) -> torch.Tensor:
 # ---------------------------------------------------------------- KL weight, free bits
 
 
-class KLWeightedELBO(Trace_ELBO):
+class KLWeightedELBO(Terms, Trace_ELBO):
     """-(E_q[log p(x|z)] - beta * KL), with optional free bits (Kingma et al. 2016).
 
     ``beta`` is an attribute so that the trainer can anneal it. With free bits
@@ -267,11 +268,6 @@ class KLWeightedELBO(Trace_ELBO):
         self.beta = beta
         self.free_bits = free_bits
         self.analytic_kl = analytic_kl
-        self.reset_terms()
-
-    def reset_terms(self):
-        self.recon_total = 0.0
-        self.elbo_total = 0.0
 
     @torch.no_grad()
     def loss(self, model, guide, *args, **kwargs):

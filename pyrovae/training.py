@@ -18,8 +18,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.infer import SVI
-from pyro.infer.util import torch_item, zero_grads
-from pyro.optim import PyroOptim
+from pyro.infer.util import zero_grads
 from tqdm.auto import tqdm
 
 from pyrovae.atomic import atomic_torch_save, atomic_write_json
@@ -27,6 +26,7 @@ from pyrovae.data import Dataset, load_dataset
 from pyrovae.errors import NonFiniteLossError, PyrovaeError
 from pyrovae.evaluation.diagnostics import collapse_diagnostics
 from pyrovae.objectives import describe_kl_methods, kl_methods, make_elbo
+from pyrovae.svi import FusedOptim, FusedSVI
 from pyrovae.vae import CHECKPOINT_FILE, CONFIG_FILE, VAE
 
 log = logging.getLogger("pyrovae")
@@ -106,91 +106,6 @@ def load_run(folder, data_dir: str | None = None, device="cpu") -> tuple[VAE, Da
     data = load_dataset(config.dataset, config.data_dir, seed=config.seed,
                         binarize=config.resolved_binarize(saved["model"]["likelihood"]["name"]))
     return vae, data, config
-
-
-class FusedOptim(PyroOptim):
-    """A ``PyroOptim`` that steps one torch optimizer over all its parameters.
-
-    ``pyro.optim.Adam`` builds one torch optimizer per parameter, so an SVI step
-    of an MLP VAE runs eight optimizer steps, each with its Python overhead.
-    torch's Adam keeps its state (step count, moments) per parameter, so one
-    optimizer over all of them makes the same update; parameters left out of a
-    call are skipped, as Pyro skips them. The state is saved in Pyro's format,
-    one torch state dict per parameter name, so that checkpoints load either way.
-    """
-
-    def __init__(self, optim_constructor, optim_args: dict):
-        super().__init__(optim_constructor, optim_args)
-        self.optimizer = None
-        self.params: list[torch.Tensor] = []
-
-    def __call__(self, params, *args, **kwargs) -> None:
-        params = list(params)
-        known = {id(p) for p in self.params}
-        new = [p for p in params if id(p) not in known]
-        if new:
-            self._add(new)
-        stepped = {id(p) for p in params}
-        skipped = [(p, p.grad) for p in self.params if id(p) not in stepped and p.grad is not None]
-        for p, _ in skipped:
-            p.grad = None  # torch optimizers skip a parameter without a gradient
-        self.optimizer.step(*args, **kwargs)
-        for p, grad in skipped:
-            p.grad = grad
-
-    def _add(self, params: list[torch.Tensor]) -> None:
-        if self.optimizer is None:
-            self.optimizer = self.pt_optim_constructor(params, **self.pt_optim_args)
-        else:
-            self.optimizer.add_param_group({"params": params})
-        self.params.extend(params)
-        store = pyro.get_param_store()
-        for p in params:
-            saved = self._state_waiting_to_be_consumed.pop(store.param_name(p), None)
-            if saved is not None:
-                self.optimizer.state[p] = {
-                    key: value.to(p.device) if torch.is_tensor(value) and key != "step" else value
-                    for key, value in saved["state"][0].items()}
-
-    def get_state(self) -> dict:
-        store = pyro.get_param_store()
-        state = {}
-        for group in self.optimizer.param_groups if self.optimizer else ():
-            settings = {key: value for key, value in group.items() if key != "params"}
-            for p in group["params"]:
-                if p in self.optimizer.state:
-                    state[store.param_name(p)] = {"state": {0: self.optimizer.state[p]},
-                                                  "param_groups": [{**settings, "params": [0]}]}
-        return state
-
-
-class FusedSVI(SVI):
-    """``pyro.infer.SVI`` with less work per step, for a model and guide whose set of
-    parameters stays the same from step to step (as a ``VAE``'s does).
-
-    ``SVI.step`` traces the params in every step, and zero-fills their
-    gradients. This step finds them once, in its first step, which also runs
-    Pyro's validation (model and guide sites agree, shapes fit the plates);
-    later steps run with validation off and set the gradients to None. The
-    loss, its gradients and the update are those of ``SVI.step``.
-    """
-
-    def __init__(self, model, guide, optim, loss, **kwargs):
-        super().__init__(model, guide, optim, loss, **kwargs)
-        self.params: list[torch.Tensor] | None = None
-
-    def step(self, *args, **kwargs) -> float:
-        if self.params is None:
-            with poutine.trace(param_only=True) as capture:
-                loss = self.loss_and_grads(self.model, self.guide, *args, **kwargs)
-            self.params = [site["value"].unconstrained() for site in capture.trace.nodes.values()]
-        else:
-            with pyro.validation_enabled(False):
-                loss = self.loss_and_grads(self.model, self.guide, *args, **kwargs)
-        self.optim(self.params)
-        for p in self.params:
-            p.grad = None
-        return torch_item(loss)
 
 
 class Trainer:

@@ -7,7 +7,7 @@ from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 
 from pyrovae import VAE
 from pyrovae.objectives import make_elbo
-from pyrovae.training import FusedOptim, FusedSVI
+from pyrovae.svi import FusedOptim, FusedSVI
 
 STEPS = 5
 
