@@ -56,8 +56,18 @@ class FusedOptim(PyroOptim):
             saved = self._state_waiting_to_be_consumed.pop(store.param_name(p), None)
             if saved is not None:
                 self.optimizer.state[p] = {
-                    key: value.to(p.device) if torch.is_tensor(value) and key != "step" else value
-                    for key, value in saved["state"][0].items()}
+                    key: self._placed(key, value, p) for key, value in saved["state"][0].items()}
+
+    def _placed(self, key, value, param):
+        # as torch's load_state_dict does: a fused optimizer keeps its step count
+        # on the parameter's device as float32, the others keep it where it was
+        if not torch.is_tensor(value):
+            return value
+        if key != "step":
+            return value.to(param.device)
+        if self.pt_optim_args.get("fused"):
+            return value.to(device=param.device, dtype=torch.float32)
+        return value
 
     def get_state(self) -> dict:
         store = pyro.get_param_store()

@@ -182,15 +182,20 @@ def test_stl_gradient_vanishes_at_the_exact_posterior():
     assert standard.var(0).min() > 0.1
 
 
+def seeded_backward(objective, vae, x):
+    """A backward pass of ``objective`` on the same draws every time it is called."""
+    def backward():
+        torch.manual_seed(7)
+        objective.loss_and_grads(vae.model, vae.guide, x)
+    return backward
+
+
 def test_stl_gradient_of_a_vae_matches_the_standard_one_for_the_decoder(binary_digits):
     # STL changes only the guide's gradient; the model's is the same draw for draw
     vae, x = small_vae(), binary_digits.train[:32]
 
     def step(objective):
-        def backward():
-            torch.manual_seed(7)
-            objective.loss_and_grads(vae.model, vae.guide, x)
-        return backward
+        return seeded_backward(objective, vae, x)
 
     assert torch.allclose(grads_of(vae.decoder, step(make_elbo("trace"))),
                           grads_of(vae.decoder, step(make_elbo("trace", estimator="stl"))),
@@ -215,10 +220,7 @@ def test_dreg_gives_the_iwae_gradient_for_the_model(binary_digits):
     vae, x = small_vae(), binary_digits.train[:32]
 
     def step(objective):
-        def backward():
-            torch.manual_seed(7)
-            objective.loss_and_grads(vae.model, vae.guide, x)
-        return backward
+        return seeded_backward(objective, vae, x)
 
     dreg = make_elbo("iwae", 6, estimator="dreg")
     assert type(dreg) is DReG_IWAE_ELBO

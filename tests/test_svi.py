@@ -39,6 +39,20 @@ def test_fast_step_gives_the_loss_and_parameters_of_plain_svi(binary_digits, elb
         assert torch.equal(fast_params[name], value), name
 
 
+@pytest.mark.parametrize("elbo", [lambda: make_elbo("trace"), lambda: make_elbo("meanfield")])
+def test_fused_adam_agrees_with_pyro_adam_up_to_rounding(binary_digits, elbo):
+    """The trainer's optimizer, torch's fused Adam, makes Pyro's Adam update in one kernel:
+    the same to float rounding (1e-6 relative), not bit for bit."""
+    x = binary_batch(binary_digits)
+    plain_losses, plain_params, _ = run_steps(SVI, pyro.optim.Adam({"lr": 1e-2}), elbo(), x)
+    fused_losses, fused_params, _ = run_steps(
+        FusedSVI, FusedOptim(torch.optim.Adam, {"lr": 1e-2, "fused": True}), elbo(), x)
+    assert fused_losses[0] == plain_losses[0]  # before any update: the same parameters
+    assert fused_losses == pytest.approx(plain_losses, rel=1e-6)
+    for name, value in plain_params.items():
+        assert torch.allclose(fused_params[name], value, rtol=1e-5, atol=1e-6), name
+
+
 def test_fused_optim_steps_only_the_parameters_it_is_given():
     """As pyro.optim.Adam: a parameter left out keeps its value, its Adam state and its grad."""
     a, b = torch.ones(3, requires_grad=True), torch.ones(2, requires_grad=True)

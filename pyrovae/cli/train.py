@@ -20,7 +20,7 @@ from pyrovae.vae import CHECKPOINT_FILE, VAE
 
 log = logging.getLogger("pyrovae")
 
-DEFAULT_EPOCHS = 30
+DEFAULT_EPOCHS = 100
 
 
 def add_parser(sub):
