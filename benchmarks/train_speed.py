@@ -1,0 +1,453 @@
+"""Training speed: pyrovae against a hand-written PyTorch VAE and Pyro's VAE example.
+
+(a) The Pyro tax: the time of one pyrovae SVI step (``FusedSVI`` with
+    ``FusedOptim``, as the trainer runs it) over the time of one step of a
+    hand-written PyTorch VAE with the same networks (784-400-20 MLPs with
+    softplus, Bernoulli likelihood, analytic Gaussian KL), at batch 128 and
+    1024, for the ``trace`` and the ``meanfield`` ELBO. The tax is taken
+    against the hand-written step with the optimizer pyrovae's trainer uses
+    (torch's fused Adam); the same step with torch's default Adam, as most
+    hand-written loops have it, is timed beside it. Plain
+    ``pyro.infer.SVI`` with ``pyro.optim.Adam`` on the same VAE is timed
+    beside them, and (without ``--quick``) each of pyrovae's changes alone.
+(b) One MNIST epoch of pyrovae's ``Trainer`` against Pyro's example pipeline
+    (examples/vae/vae.py rebuilt here): torchvision MNIST through a
+    ``DataLoader`` with ``ToTensor``, batch 256, a 784-400-50 MLP,
+    ``Trace_ELBO``, ``pyro.optim.Adam({"lr": 1e-3})``. Both train on
+    dynamically binarized MNIST (the example's transform draws each item's
+    pixels with ``torch.bernoulli``, as pyrovae's ``--binarize dynamic`` does
+    per batch) and both are scored on the same once-binarized test set.
+(c) On a CUDA device: images per second of (a) and (b) at batch 128, 1024
+    and 4096. Skipped when torch sees no CUDA device.
+
+Contenders alternate within one process (the order rotates every round), so
+that load from other jobs hits them alike; the tables give medians.
+
+    PYROVAE_DATA_DIR=/work/shared/data python benchmarks/train_speed.py --json train_speed.json
+    PYROVAE_DATA_DIR=/work/shared/data python benchmarks/train_speed.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro.infer import SVI, Trace_ELBO
+from torch import nn
+
+from pyrovae import VAE, load_dataset
+from pyrovae.data import default_cache_dir
+from pyrovae.families.likelihoods import BernoulliLikelihood
+from pyrovae.objectives import make_elbo
+from pyrovae.svi import FusedOptim, FusedSVI
+from pyrovae.training import Trainer, TrainConfig
+
+TAX_BATCHES = (128, 1024)
+GPU_BATCHES = (128, 1024, 4096)
+PIPELINE_BATCH = 256
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------- (a) the Pyro tax
+
+
+class HandWrittenVAE(nn.Module):
+    """The step a PyTorch user writes: same layers as pyrovae's MLPs, one torch Adam
+    (torch's default implementation, or with ``fused=True`` the one pyrovae's trainer uses)."""
+
+    def __init__(self, z_dim: int = 20, hidden: int = 400, lr: float = 1e-3, fused: bool = False):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(784, hidden), nn.Softplus(),
+                                     nn.Linear(hidden, 2 * z_dim))
+        self.decoder = nn.Sequential(nn.Linear(z_dim, hidden), nn.Softplus(),
+                                     nn.Linear(hidden, 784))
+        self.optimizer = None
+        self.lr = lr
+        self.fused = fused
+
+    def step(self, x: torch.Tensor) -> float:
+        if self.optimizer is None:
+            self.optimizer = torch.optim.Adam(self.parameters(), lr=self.lr, fused=self.fused)
+        x = x.reshape(len(x), -1)
+        loc, raw_scale = self.encoder(x).chunk(2, dim=-1)
+        scale = F.softplus(raw_scale) + 1e-4  # pyrovae's normal guide
+        z = loc + scale * torch.randn_like(loc)
+        nll = F.binary_cross_entropy_with_logits(self.decoder(z), x, reduction="sum")
+        kl = (0.5 * (loc**2 + scale**2 - 1) - scale.log()).sum()
+        loss = nll + kl
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+
+class TorchBernoulli(BernoulliLikelihood):
+    """pyrovae's bernoulli likelihood as it was before it was tuned: torch's
+    ``Independent(Bernoulli)``, fed through ``unbind``."""
+
+    def forward(self, raw):
+        return self.make_dist(*raw.unbind(-3)).to_event(2)
+
+
+def pyro_step(elbo_name: str, device, svi_class=SVI, fused_optim=False, validation=True,
+              likelihood="bernoulli", fused_kernel=False):
+    """An SVI step on pyrovae's VAE; the defaults are plain Pyro."""
+    pyro.clear_param_store()
+    vae = VAE((28, 28), z_dim=20, hidden=(400,), likelihood=likelihood).to(device)
+    optim = (FusedOptim(torch.optim.Adam, {"lr": 1e-3, "fused": fused_kernel}) if fused_optim
+             else pyro.optim.Adam({"lr": 1e-3}))
+    svi = svi_class(vae.model, vae.guide, optim, make_elbo(elbo_name))
+
+    def step(x):
+        with pyro.validation_enabled(validation):
+            return svi.step(x)
+    return step
+
+
+def tax_contenders(elbo_name: str, device, ablations: bool) -> dict:
+    contenders = {
+        "hand-written torch": HandWrittenVAE().to(device).step,
+        "hand-written torch, fused Adam": HandWrittenVAE(fused=True).to(device).step,
+        "plain pyro SVI": pyro_step(elbo_name, device),
+        "pyrovae": pyro_step(elbo_name, device, FusedSVI, fused_optim=True, fused_kernel=True),
+    }
+    if ablations:
+        contenders.update({
+            "  pyrovae, torch's default Adam": pyro_step(elbo_name, device, FusedSVI, True),
+            "  SVI + validation off": pyro_step(elbo_name, device, validation=False),
+            "  SVI + FusedOptim": pyro_step(elbo_name, device, fused_optim=True),
+            "  FusedSVI + pyro.optim.Adam": pyro_step(elbo_name, device, FusedSVI),
+            "  pyrovae, untuned likelihood": pyro_step(elbo_name, device, FusedSVI, True,
+                                                       likelihood=TorchBernoulli((28, 28))),
+            "  plain pyro SVI, untuned lik.": pyro_step(elbo_name, device,
+                                                        likelihood=TorchBernoulli((28, 28))),
+        })
+    return contenders
+
+
+def time_alternating(contenders: dict, x, device, rounds: int, steps: int,
+                     warmup: int) -> dict[str, list[float]]:
+    """Seconds per step of each contender, one value per round; the order rotates.
+
+    The contenders' VAEs register the same param names, so Pyro's param store is
+    cleared before each one runs: its ``pyro.module`` calls then put its own
+    tensors back, as ``Trainer.fit`` does (else they would train one shared set).
+    """
+    for step in contenders.values():
+        pyro.clear_param_store()
+        for _ in range(warmup):
+            step(x)
+    names = list(contenders)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            pyro.clear_param_store()
+            sync(device)
+            started = time.perf_counter()
+            for _ in range(steps):
+                contenders[name](x)
+            sync(device)
+            times[name].append((time.perf_counter() - started) / steps)
+    return times
+
+
+def measure_tax(batches, device, args, x_all) -> list[dict]:
+    rows = []
+    for batch in batches:
+        x = x_all[:batch].to(device)
+        steps = max(2, args.step_budget // batch)
+        for elbo_name in ("trace", "meanfield"):
+            torch.manual_seed(0)
+            times = time_alternating(tax_contenders(elbo_name, device, not args.quick), x,
+                                     device, args.rounds, steps, args.warmup)
+            # the tax: against the hand-written step with the same (fused) optimizer
+            hand = statistics.median(times["hand-written torch, fused Adam"])
+            tutorial = statistics.median(times["hand-written torch"])
+            for name, values in times.items():
+                median = statistics.median(values)
+                rows.append({"batch": batch, "elbo": elbo_name, "contender": name.strip(),
+                             "ms_per_step": 1000 * median, "images_per_s": batch / median,
+                             "ratio_to_hand": median / hand,
+                             "ratio_to_default_adam_hand": median / tutorial,
+                             "rounds": len(values),
+                             "steps_per_round": steps})
+    return rows
+
+
+# ---------------------------------------------------------------- (b) the example pipeline
+
+
+class ExampleEncoder(nn.Module):
+    """examples/vae/vae.py (Pyro 1.9), unchanged."""
+
+    def __init__(self, z_dim, hidden_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(784, hidden_dim)
+        self.fc21 = nn.Linear(hidden_dim, z_dim)
+        self.fc22 = nn.Linear(hidden_dim, z_dim)
+        self.softplus = nn.Softplus()
+
+    def forward(self, x):
+        x = x.reshape(-1, 784)
+        hidden = self.softplus(self.fc1(x))
+        return self.fc21(hidden), torch.exp(self.fc22(hidden))
+
+
+class ExampleDecoder(nn.Module):
+    def __init__(self, z_dim, hidden_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(z_dim, hidden_dim)
+        self.fc21 = nn.Linear(hidden_dim, 784)
+        self.softplus = nn.Softplus()
+        self.sigmoid = nn.Sigmoid()
+
+    def forward(self, z):
+        hidden = self.softplus(self.fc1(z))
+        return self.sigmoid(self.fc21(hidden))
+
+
+class ExampleVAE(nn.Module):
+    def __init__(self, z_dim=50, hidden_dim=400):
+        super().__init__()
+        self.encoder = ExampleEncoder(z_dim, hidden_dim)
+        self.decoder = ExampleDecoder(z_dim, hidden_dim)
+        self.z_dim = z_dim
+
+    def model(self, x):
+        pyro.module("decoder", self.decoder)
+        with pyro.plate("data", x.shape[0]):
+            z_loc = x.new_zeros(torch.Size((x.shape[0], self.z_dim)))
+            z_scale = x.new_ones(torch.Size((x.shape[0], self.z_dim)))
+            z = pyro.sample("latent", dist.Normal(z_loc, z_scale).to_event(1))
+            loc_img = self.decoder(z)
+            pyro.sample("obs", dist.Bernoulli(loc_img, validate_args=False).to_event(1),
+                        obs=x.reshape(-1, 784))
+
+    def guide(self, x):
+        pyro.module("encoder", self.encoder)
+        with pyro.plate("data", x.shape[0]):
+            z_loc, z_scale = self.encoder(x)
+            pyro.sample("latent", dist.Normal(z_loc, z_scale).to_event(1))
+
+
+class BinarizeEachItem:
+    """The example's transform plus a Bernoulli draw of the pixels, item by item."""
+
+    def __call__(self, x):
+        return torch.bernoulli(x)
+
+
+def example_loader(num_train: int | None, batch_size: int):
+    from torchvision.datasets import MNIST
+    from torchvision.transforms import Compose, ToTensor
+
+    transform = Compose([ToTensor(), BinarizeEachItem()])
+    data_dir = os.environ.get("PYROVAE_DATA_DIR")
+    # the folder pyrovae's loader read from: data_dir when it holds the extracted
+    # files, else the cache it extracted them into
+    for root in ([data_dir] if data_dir else []) + [default_cache_dir()]:
+        try:
+            train = MNIST(root, train=True, transform=transform, download=False)
+            break
+        except RuntimeError:
+            continue
+    else:
+        sys.exit("MNIST not found: set PYROVAE_DATA_DIR to the folder holding MNIST/raw.")
+    if num_train is not None:
+        train = torch.utils.data.Subset(train, range(num_train))
+    return torch.utils.data.DataLoader(train, batch_size=batch_size, shuffle=True, num_workers=0)
+
+
+def example_epoch(loader, device, test: torch.Tensor) -> tuple[float, float]:
+    """One epoch of the example's training loop; seconds, and the test ELBO after it."""
+    pyro.clear_param_store()
+    vae = ExampleVAE().to(device)
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+    sync(device)
+    started = time.perf_counter()
+    for x, _ in loader:
+        svi.step(x.to(device))
+    sync(device)
+    seconds = time.perf_counter() - started
+    with torch.no_grad():
+        loss = sum(svi.evaluate_loss(x) for x in test.split(PIPELINE_BATCH))
+    return seconds, -loss / len(test)
+
+
+def pyrovae_epoch(data, device, batch_size: int) -> tuple[float, float, float]:
+    """One epoch of pyrovae's Trainer; seconds of ``fit`` (its test ELBO and diagnostics
+    included), seconds of the training steps alone, and the test ELBO."""
+    vae = VAE((28, 28), z_dim=50, hidden=(400,))
+    config = TrainConfig(dataset="mnist", binarize="dynamic", elbo="trace", epochs=1,
+                         batch_size=batch_size, lr=1e-3, seed=int(torch.randint(2**31, ())),
+                         device=str(device))
+    trainer = Trainer(vae, data, config, progress=False)
+    train_epoch, train_seconds = trainer._train_epoch, []
+
+    def timed(*args):
+        sync(device)
+        started = time.perf_counter()
+        result = train_epoch(*args)
+        sync(device)
+        train_seconds.append(time.perf_counter() - started)
+        return result
+    trainer._train_epoch = timed
+    sync(device)
+    started = time.perf_counter()
+    metrics = trainer.fit()
+    sync(device)
+    return time.perf_counter() - started, train_seconds[0], metrics[-1]["test_elbo"]
+
+
+def measure_pipeline(device, args, data, batch_size=PIPELINE_BATCH) -> dict:
+    num_train = len(data.train)
+    loader = example_loader(num_train if num_train < 60000 else None, batch_size)
+    test = data.test.to(device)
+    example, ours = [], []
+    for r in range(args.epochs):
+        order = [0, 1] if r % 2 == 0 else [1, 0]
+        for which in order:
+            torch.manual_seed(1000 + r)
+            if which == 0:
+                example.append(example_epoch(loader, device, test))
+            else:
+                ours.append(pyrovae_epoch(data, device, batch_size))
+    example_s = statistics.median(s for s, _ in example)
+    ours_fit = statistics.median(s for s, _, _ in ours)
+    ours_train = statistics.median(s for _, s, _ in ours)
+    return {
+        "batch": batch_size, "train_images": num_train, "epochs_timed": args.epochs,
+        "example_seconds": example_s, "pyrovae_fit_seconds": ours_fit,
+        "pyrovae_train_seconds": ours_train,
+        "speedup_train": example_s / ours_train, "speedup_fit": example_s / ours_fit,
+        "example_test_elbo": [e for _, e in example],
+        "pyrovae_test_elbo": [e for _, _, e in ours],
+    }
+
+
+# ---------------------------------------------------------------- report
+
+
+def environment(threads: int) -> dict:
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__,
+            "pyro": pyro.__version__, "python": platform.python_version(),
+            "threads": threads, "load_average": os.getloadavg(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def print_tax(rows, title):
+    print(f"\n{title}")
+    print("  (/ hand: over the hand-written step with fused Adam, the Pyro tax; "
+          "/ default: over the hand-written step with torch's default Adam)")
+    print(f"{'batch':>6} {'elbo':>10}  {'contender':32} {'ms/step':>8} {'img/s':>9} "
+          f"{'/ hand':>7} {'/ default':>9}")
+    for row in rows:
+        print(f"{row['batch']:>6} {row['elbo']:>10}  {row['contender']:32} "
+              f"{row['ms_per_step']:8.2f} {row['images_per_s']:9.0f} {row['ratio_to_hand']:7.3f} "
+              f"{row['ratio_to_default_adam_hand']:9.3f}")
+
+
+def print_pipeline(result, title):
+    print(f"\n{title}")
+    print(f"  Pyro example pipeline: {result['example_seconds']:.2f} s per epoch "
+          f"({result['train_images']} images, batch {result['batch']})")
+    print(f"  pyrovae Trainer:       {result['pyrovae_train_seconds']:.2f} s of training steps, "
+          f"{result['pyrovae_fit_seconds']:.2f} s for the whole fit (test ELBO, diagnostics)")
+    print(f"  speed-up: {result['speedup_train']:.2f}x (training), "
+          f"{result['speedup_fit']:.2f}x (whole fit)")
+    print("  test ELBO after the epoch: example "
+          + ", ".join(f"{e:.2f}" for e in result["example_test_elbo"]) + "; pyrovae "
+          + ", ".join(f"{e:.2f}" for e in result["pyrovae_test_elbo"]))
+
+
+def tax_ratio(rows, batch):
+    """The worse of the two ELBOs: pyrovae's step time over the hand-written one's, both
+    with torch's fused Adam, so that the ratio is what Pyro costs."""
+    return max(r["ratio_to_hand"] for r in rows
+               if r["batch"] == batch and r["contender"] == "pyrovae")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer rounds and a fifth of an epoch: under a minute on 2 cores")
+    parser.add_argument("--json", help="write the results to this path")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda, for (a) and (b)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--rounds", type=int, help="rounds of (a) (default 15; quick 5)")
+    parser.add_argument("--epochs", type=int, help="epochs of (b) per contender (default 3; "
+                                                   "quick 1)")
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device; use --device cpu.")
+    args.rounds = args.rounds or (5 if args.quick else 15)
+    args.epochs = args.epochs or 1 if args.quick else args.epochs or 3
+    args.warmup = 3 if args.quick else 10
+    args.step_budget = 1280 if args.quick else 5120  # images per contender per round
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    env = environment(args.threads)
+    print(json.dumps(env))
+
+    data = load_dataset("mnist", binarize="dynamic", seed=0)
+    if args.quick:
+        data = dataclasses.replace(data, train=data.train[:12000])
+    torch.manual_seed(0)
+    x_all = torch.bernoulli(data.train[:max(TAX_BATCHES)])
+
+    tax = measure_tax(TAX_BATCHES, device, args, x_all)
+    print_tax(tax, f"(a) one SVI step against a hand-written torch step ({device}, "
+                   f"median of {args.rounds} rounds)")
+    pipeline = measure_pipeline(device, args, data)
+    print_pipeline(pipeline, f"(b) one MNIST epoch against Pyro's example pipeline ({device})")
+
+    gpu = None
+    if torch.cuda.is_available():
+        cuda = torch.device("cuda")
+        x_gpu = torch.bernoulli(data.train[:max(GPU_BATCHES)])
+        gpu = {"tax": measure_tax(GPU_BATCHES, cuda, args, x_gpu),
+               "pipeline": [measure_pipeline(cuda, args, data, b) for b in GPU_BATCHES]}
+        print_tax(gpu["tax"], "(c) GPU: one SVI step")
+        for result in gpu["pipeline"]:
+            print_pipeline(result, f"(c) GPU: one epoch at batch {result['batch']}")
+    else:
+        print("\n(c) GPU: skipped, torch sees no CUDA device.")
+
+    results = {
+        "environment": env, "quick": args.quick, "rounds": args.rounds,
+        "tax_ratio_b128": tax_ratio(tax, 128), "tax_ratio_b1024": tax_ratio(tax, 1024),
+        "pipeline_speedup": pipeline["speedup_train"],
+        "pipeline_speedup_whole_fit": pipeline["speedup_fit"],
+        "tax": tax, "pipeline": pipeline, "gpu": gpu,
+    }
+    print(f"\ntax ratio: {results['tax_ratio_b128']:.3f} at batch 128 (target <= 1.10), "
+          f"{results['tax_ratio_b1024']:.3f} at batch 1024 (target <= 1.05); pipeline "
+          f"speed-up {results['pipeline_speedup']:.2f}x (target >= 2.5)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
