@@ -10,11 +10,9 @@ import pyro
 
 from pyrovae.cli import parse_key_values
 from pyrovae.data import BINARIZE_MODES, DATASET_NAMES, load_dataset
-from pyrovae.evaluation.marginal import evaluate_run
 from pyrovae.families import GUIDES, LIKELIHOODS, PRIORS
 from pyrovae.networks import ACTIVATIONS
 from pyrovae.objectives import ESTIMATORS, OBJECTIVES
-from pyrovae.plots import write_figures
 from pyrovae.training import METRICS_FILE, Trainer, TrainConfig
 from pyrovae.vae import CHECKPOINT_FILE, VAE
 
@@ -96,6 +94,10 @@ def run(args) -> int:
     if trainer.interrupted:
         return 130
     summarize(trainer, metrics)
+    # matplotlib and the evaluation load only once training is done: a bad flag fails fast
+    from pyrovae.evaluation.marginal import evaluate_run
+    from pyrovae.plots import write_figures
+
     figures = write_figures(trainer.out, trainer.vae, trainer.data, metrics,
                             seed=trainer.config.seed)
     log.info(f"figures: {', '.join(path.name for path in figures)}")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import inspect
 
+from torch.distributions import constraints
+
 from pyrovae.errors import SupportMismatchError, UnknownNameError
 from pyrovae.families import kl  # noqa: F401  (registers the closed-form KLs with torch)
 from pyrovae.families.base import Family, FixedOrLearnable, Registry, same_support
@@ -68,10 +70,18 @@ def check_supports(guide: Family, prior: Family) -> None:
         return
     pairs = "; ".join(f"guide {g!r} with prior {ps}" for g, ps in compatible_pairs().items())
     raise SupportMismatchError(
-        f"guide {guide.name or type(guide).__name__!r} has support {guide.support}, but prior "
-        f"{prior.name or type(prior).__name__!r} has support {prior.support}: they must match. "
-        f"Combinations that work: {pairs}."
+        f"guide {guide.name or type(guide).__name__!r} has support {support_name(guide.support)}, "
+        f"but prior {prior.name or type(prior).__name__!r} has support "
+        f"{support_name(prior.support)}: they must match. Combinations that work: {pairs}."
     )
+
+
+def support_name(constraint) -> str:
+    """'real' and 'positive' rather than torch's Real() and GreaterThan(lower_bound=0.0)."""
+    for name, known in (("real", constraints.real), ("positive", constraints.positive)):
+        if same_support(constraint, known):
+            return name
+    return str(constraint)
 
 
 __all__ = [
