@@ -361,7 +361,7 @@ def make_elbo(name: str, num_particles: int = 1, vectorize_particles: bool = Tru
         raise UnknownNameError(
             f"unknown gradient estimator {estimator!r}; choose one of {list(ESTIMATORS)}.")
     if num_particles < 1:
-        raise ValueError(f"num_particles={num_particles} must be at least 1.")
+        raise PyrovaeError(f"num_particles={num_particles} must be at least 1.")
     if beta < 0 or free_bits < 0:
         raise PyrovaeError(f"beta={beta} and free_bits={free_bits} must be >= 0.")
     if estimator == "dreg" and name != "iwae":

@@ -1,8 +1,9 @@
 """SVI with less per-step overhead: one fused optimizer, parameters found once.
 
 Both give the loss, gradients and update of ``pyro.infer.SVI`` with
-``pyro.optim.Adam`` to the bit (tests/test_fast_step.py); benchmarks/train_speed.py
-measures what they save.
+``pyro.optim.Adam`` to the bit; with ``{"fused": True}`` (torch's fused Adam
+kernel, as the trainer uses it) the update agrees to float rounding
+(tests/test_svi.py). benchmarks/train_speed.py measures what they save.
 """
 
 from __future__ import annotations

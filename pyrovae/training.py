@@ -83,10 +83,10 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch sees no CUDA device; "
+        raise PyrovaeError("--device cuda was asked for, but torch sees no CUDA device; "
                          "use --device cpu (or auto).")
     if name != "cpu" and not name.startswith("cuda"):
-        raise ValueError(f"unknown device {name!r}; use cpu, cuda or auto.")
+        raise PyrovaeError(f"unknown device {name!r}; use cpu, cuda or auto.")
     return torch.device(name)
 
 

@@ -22,8 +22,12 @@ def test_train_script_on_digits_writes_its_outputs(tmp_path):
     out = tmp_path / "run"
     result = train("--epochs", "2", "--out", str(out), "--prior", "laplace",
                    "--guide", "student-t", "--guide-param", "df=4", "--elbo", "meanfield",
-                   "--num-particles", "2")
+                   "--num-particles", "2", "--eval-samples", "30")
     assert result.returncode == 0, result.stderr
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["num_samples"] == 30 and evaluation["dataset"] == "digits"
+    assert evaluation["nll"] < -evaluation["elbo"]  # log p(x) estimate above the ELBO
+    assert (out / "reconstructions.png").exists() and (out / "evaluation_khat.png").exists()
     assert "epoch 2/2" in result.stdout and "test ELBO" in result.stdout
     assert "KL: 'z' (StudentT || Laplace)" in result.stdout
     metrics = json.loads((out / "metrics.json").read_text())

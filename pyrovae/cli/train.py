@@ -10,6 +10,7 @@ import pyro
 
 from pyrovae.cli import parse_key_values
 from pyrovae.data import BINARIZE_MODES, DATASET_NAMES, load_dataset
+from pyrovae.evaluation.marginal import evaluate_test_set
 from pyrovae.families import GUIDES, LIKELIHOODS, PRIORS
 from pyrovae.networks import ACTIVATIONS
 from pyrovae.objectives import ESTIMATORS, OBJECTIVES
@@ -94,16 +95,14 @@ def run(args) -> int:
     if trainer.interrupted:
         return 130
     summarize(trainer, metrics)
-    # matplotlib and the evaluation load only once training is done: a bad flag fails fast
-    from pyrovae.evaluation.marginal import evaluate_run
-    from pyrovae.plots import write_figures
+    from pyrovae.plots import write_figures  # matplotlib loads only once training is done
 
     figures = write_figures(trainer.out, trainer.vae, trainer.data, metrics,
                             seed=trainer.config.seed)
     log.info(f"figures: {', '.join(path.name for path in figures)}")
     if args.eval_samples:
-        evaluate_run(trainer.out, args.eval_samples, seed=trainer.config.seed,
-                     device=str(trainer.device), progress=progress)
+        evaluate_test_set(trainer.out, trainer.vae, trainer.data, args.eval_samples,
+                          seed=trainer.config.seed, progress=progress)
     return 0
 
 

@@ -6,6 +6,7 @@ from pyrovae.evaluation.diagnostics import collapse_diagnostics, posterior_draws
 from pyrovae.evaluation.marginal import (
     LogLikelihoodEstimate,
     evaluate_run,
+    evaluate_test_set,
     iwae_bounds,
     log_likelihood,
     log_weights,
@@ -13,4 +14,4 @@ from pyrovae.evaluation.marginal import (
 )
 
 __all__ = ["LogLikelihoodEstimate", "log_likelihood", "log_weights", "pareto_khat",
-           "iwae_bounds", "evaluate_run", "collapse_diagnostics", "posterior_draws"]
+           "iwae_bounds", "evaluate_run", "evaluate_test_set", "collapse_diagnostics", "posterior_draws"]

@@ -265,11 +265,20 @@ def evaluate_run(run_folder, num_samples: int = 5000, *, max_elements: int = DEF
     from pyrovae.training import load_run, resolve_device
 
     folder = Path(run_folder)
-    torch_device = resolve_device(device)
-    vae, data, training = load_run(folder, data_dir, torch_device)
+    vae, data, _ = load_run(folder, data_dir, resolve_device(device))
+    return evaluate_test_set(folder, vae, data, num_samples, max_elements=max_elements,
+                             num_images=num_images, subset_size=subset_size, seed=seed,
+                             progress=progress)
+
+
+def evaluate_test_set(folder, vae, data, num_samples: int = 5000, *,
+                      max_elements: int = DEFAULT_MAX_ELEMENTS, num_images: int | None = None,
+                      subset_size: int = 100, seed: int = 0, progress: bool = True) -> dict:
+    """``evaluate_run`` for a VAE and data set already in memory (the end of training)."""
+    folder = Path(folder)
     test = data.test if num_images is None else data.test[:num_images]
-    log.info(f"evaluating {folder}: log p(x) of {len(test)} {training.dataset} test images "
-             f"with K={num_samples} importance samples on {torch_device}")
+    log.info(f"evaluating {folder}: log p(x) of {len(test)} {data.name} test images "
+             f"with K={num_samples} importance samples on {next(vae.parameters()).device}")
     estimate = log_likelihood(vae, test, num_samples, max_elements=max_elements, seed=seed,
                               progress=progress)
     summary = estimate.summary()
@@ -278,10 +287,11 @@ def evaluate_run(run_folder, num_samples: int = 5000, *, max_elements: int = DEF
     curve_samples = max(num_samples, max(IWAE_CURVE_KS))
     curve = log_likelihood(vae, subset, curve_samples, max_elements=max_elements, seed=seed,
                            keep_log_weights=True)
+    bounds = iwae_bounds(curve.log_weights)
     summary.update(
-        dataset=training.dataset,
+        dataset=data.name,
         iwae_bound_subset_size=len(subset),
-        iwae_bound={str(k): v for k, v in iwae_bounds(curve.log_weights).items()},
+        iwae_bound={str(k): v for k, v in bounds.items()},
         figures=[KHAT_FIGURE, IWAE_FIGURE],
     )
     # strict JSON has no NaN or infinity
@@ -289,7 +299,7 @@ def evaluate_run(run_folder, num_samples: int = 5000, *, max_elements: int = DEF
         key: None if isinstance(value, float) and not math.isfinite(value) else value
         for key, value in summary.items()})
     _save_figure(_khat_figure(estimate.khat.numpy(), num_samples), folder / KHAT_FIGURE)
-    _save_figure(_iwae_figure(iwae_bounds(curve.log_weights), len(subset), training.dataset),
+    _save_figure(_iwae_figure(bounds, len(subset), data.name),
                  folder / IWAE_FIGURE)
     log.info(f"NLL {summary['nll']:.3f} +- {summary['nll_se']:.3f} nats (ELBO "
              f"{summary['elbo']:.3f}), mean ESS {summary['ess_mean']:.1f} of {num_samples}, "
