@@ -15,9 +15,11 @@ free bits (Kingma et al. 2016) turn an ELBO into ``KLWeightedELBO``.
 from __future__ import annotations
 
 import math
+import warnings
 from functools import partial
 from typing import NamedTuple
 
+import pyro.ops.jit
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
@@ -61,6 +63,93 @@ class RecordingTrace_ELBO(RecordsTerms, Trace_ELBO):
 
 class RecordingTraceMeanField_ELBO(RecordsTerms, TraceMeanField_ELBO):
     """``TraceMeanField_ELBO``: analytic KL where torch has a formula, Monte Carlo otherwise."""
+
+
+# ---------------------------------------------------------------- compiled steps
+
+
+class CompiledTerms(Terms):
+    """Mixin for ``Trace_ELBO`` and ``TraceMeanField_ELBO``: ``loss_and_grads`` runs a
+    TorchScript graph of the step that ``pyro.ops.jit.trace`` records once per
+    input shape, as Pyro's ``JitTrace_ELBO`` does, so that later steps skip
+    Pyro's tracing of the model and guide in Python (benchmarks/train_speed.py
+    measures what that saves).
+
+    Pyro's JIT ELBOs return the loss alone and key their graph on the number of
+    arguments, so a smaller last batch would replay a graph recorded for another
+    batch size. Here the graph also returns the terms the trainer records, and
+    there is one graph per shape, dtype and device of the inputs. The graph is
+    recorded under a forked RNG, so that the steps draw the random numbers the
+    eager steps draw; the loss is that of the eager objective up to float
+    rounding (tests/test_objectives.py).
+
+    The model and guide must have static structure: no Python branch on a
+    tensor's value, which the recorded graph would keep as it went the first time.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._graphs = {}
+
+    def loss_and_grads(self, model, guide, *args, **kwargs):
+        graph = self._graph(model, guide, args, kwargs)
+        # unoptimized, the graph's backward is torch's eager kernels; TorchScript's own
+        # derivatives (softplus through exp and where) were slower (docs/benchmarks.md)
+        with torch.jit.optimized_execution(False):
+            loss, surrogate_loss, recon = graph(*args, **kwargs)
+        surrogate_loss.backward()
+        self.recon_total = self.recon_total + recon
+        self.elbo_total = self.elbo_total - loss
+        return torch_item(loss)
+
+    def _graph(self, model, guide, args, kwargs):
+        key = (model, guide) + tuple(
+            (a.shape, a.dtype, a.device) if torch.is_tensor(a) else a for a in args)
+        graph = self._graphs.get(key)
+        # the graph reads its parameters from the param store by name: after the store
+        # was cleared it is recorded again, which registers them again
+        if graph is None or not all(name in pyro.get_param_store()
+                                    for name in graph._param_names):
+            graph = pyro.ops.jit.trace(partial(self._step_terms, model, guide),
+                                       ignore_warnings=True)
+            devices = [a.device for a in args if torch.is_tensor(a) and a.is_cuda]
+            with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
+                # torch marks torch.jit.trace deprecated, but it is what pyro.ops.jit
+                # records with; tests/test_objectives.py checks the graph it records
+                warnings.filterwarnings("ignore", category=FutureWarning,
+                                        message=".*torch.jit.trace.*")
+                graph(*args, **kwargs)
+            self._graphs[key] = graph
+        return graph
+
+    def _step_terms(self, model, guide, *args, **kwargs):
+        loss, surrogate_loss, recon = 0.0, 0.0, 0.0
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            loss_particle, surrogate_particle = self._differentiable_loss_particle(
+                model_trace, guide_trace)
+            loss = loss + loss_particle / self.num_particles
+            surrogate_loss = surrogate_loss + surrogate_particle / self.num_particles
+            recon = recon + _observed_log_prob(model_trace) / self.num_particles
+        return loss, surrogate_loss, recon
+
+
+class CompiledTrace_ELBO(CompiledTerms, Trace_ELBO):
+    """``Trace_ELBO`` (recording its terms) with the step compiled."""
+
+    def _differentiable_loss_particle(self, model_trace, guide_trace):
+        # Trace_ELBO reads the loss off with .item(), which the graph would keep as a
+        # constant; TraceMeanField_ELBO returns it as a tensor while a graph is recorded
+        _, surrogate_loss = super()._differentiable_loss_particle(model_trace, guide_trace)
+        elbo = _log_prob_sum(model_trace) - _log_prob_sum(guide_trace)
+        return -elbo.detach(), surrogate_loss
+
+
+class CompiledTraceMeanField_ELBO(CompiledTerms, TraceMeanField_ELBO):
+    """``TraceMeanField_ELBO`` (recording its terms) with the step compiled."""
+
+
+def _log_prob_sum(trace) -> torch.Tensor:
+    return sum(site["log_prob_sum"] for site in trace.nodes.values() if site["type"] == "sample")
 
 
 # ---------------------------------------------------------------- sticking the landing
@@ -346,13 +435,31 @@ OBJECTIVES = {
 ESTIMATORS = ("reparam", "stl", "dreg")
 
 
+COMPILED = {
+    "trace": CompiledTrace_ELBO,
+    "meanfield": CompiledTraceMeanField_ELBO,
+}
+
+
+def why_not_compiled(name: str, estimator: str = "reparam", kl_weighted: bool = False) -> str | None:
+    """None where ``make_elbo(..., jit=True)`` can compile the step, else the reason."""
+    if name not in COMPILED:
+        return f"only the trace and meanfield objectives are compiled, not {name!r}"
+    if estimator != "reparam":
+        return f"only the reparam estimator is compiled, not {estimator!r}"
+    if kl_weighted:
+        return "a KL weight or free bits are not compiled, as the trainer changes the weight"
+    return None
+
+
 def make_elbo(name: str, num_particles: int = 1, vectorize_particles: bool = True,
               estimator: str = "reparam", beta: float = 1.0, free_bits: float = 0.0,
-              kl_weighted: bool = False):
+              kl_weighted: bool = False, jit: bool = False):
     """The objective ``name`` with gradient ``estimator``.
 
     ``beta != 1``, ``free_bits > 0`` or ``kl_weighted`` (for a beta the trainer
     anneals) give a ``KLWeightedELBO``; these apply to the ELBOs, not to IWAE.
+    ``jit`` compiles the step (``CompiledTerms``): trace and meanfield, reparam, beta 1.
     """
     if name not in OBJECTIVES:
         raise UnknownNameError(
@@ -377,6 +484,9 @@ def make_elbo(name: str, num_particles: int = 1, vectorize_particles: bool = Tru
         raise PyrovaeError(
             "--beta, --kl-anneal and --free-bits weight the KL of an ELBO; the IWAE bound has "
             "no separate KL term. Use --elbo trace or meanfield with them.")
+    reason = why_not_compiled(name, estimator, weighted) if jit else None
+    if reason:
+        raise PyrovaeError(f"cannot compile the step: {reason}; leave jit off for this objective.")
     common = dict(num_particles=num_particles, max_plate_nesting=1,
                   vectorize_particles=vectorize_particles)
     if weighted:
@@ -387,6 +497,8 @@ def make_elbo(name: str, num_particles: int = 1, vectorize_particles: bool = Tru
         return cls(**common)
     if estimator == "stl":
         return STL_Trace_ELBO(**common)
+    if jit:
+        return COMPILED[name](**common)
     return OBJECTIVES[name](**common)
 
 

@@ -25,7 +25,7 @@ from pyrovae.atomic import atomic_torch_save, atomic_write_json
 from pyrovae.data import Dataset, load_dataset
 from pyrovae.errors import NonFiniteLossError, PyrovaeError
 from pyrovae.evaluation.diagnostics import collapse_diagnostics
-from pyrovae.objectives import describe_kl_methods, kl_methods, make_elbo
+from pyrovae.objectives import describe_kl_methods, kl_methods, make_elbo, why_not_compiled
 from pyrovae.svi import FusedOptim, FusedSVI
 from pyrovae.vae import CHECKPOINT_FILE, CONFIG_FILE, VAE
 
@@ -60,6 +60,7 @@ class TrainConfig:
     free_bits: float = 0.0        # nats per latent dimension
     aggressive: bool = False
     aggressive_patience: int = 5  # epochs without a new highest mutual information
+    jit: bool = True              # compile the step where the objective allows it
 
     @property
     def kl_weighted(self) -> bool:
@@ -144,7 +145,14 @@ class Trainer:
     def _make_objective(self):
         c = self.config
         return make_elbo(c.elbo, c.num_particles, estimator=c.estimator, beta=c.beta_at(1),
-                         free_bits=c.free_bits, kl_weighted=c.kl_weighted)
+                         free_bits=c.free_bits, kl_weighted=c.kl_weighted,
+                         jit=self._why_eager() is None)
+
+    def _why_eager(self) -> str | None:
+        c = self.config
+        if not c.jit:
+            return "jit is off"
+        return why_not_compiled(c.elbo, c.estimator, c.kl_weighted)
 
     # ------------------------------------------------------------ set-up
     def _check_data(self):
@@ -176,7 +184,7 @@ class Trainer:
 
     @classmethod
     def resume(cls, folder, epochs: int | None = None, progress: bool = True,
-               device: str | None = None) -> "Trainer":
+               device: str | None = None, jit: bool | None = None) -> "Trainer":
         """Rebuild a run from its folder and continue to ``epochs`` in total."""
         folder = Path(folder)
         vae, data, config = load_run(folder)
@@ -184,6 +192,8 @@ class Trainer:
             config.epochs = epochs
         if device is not None:
             config.device = device
+        if jit is not None:
+            config.jit = jit
         trainer = cls(vae.train(), data, config, out=folder, progress=progress)
         checkpoint = torch.load(folder / CHECKPOINT_FILE, map_location=trainer.device,
                                 weights_only=True)
@@ -216,6 +226,9 @@ class Trainer:
         probe = self.data.test[: min(len(self.data.test), 8)]
         log.info(describe_kl_methods(kl_methods(self.vae.model, self.vae.guide, probe),
                                      self.config.elbo))
+        why_eager = self._why_eager()
+        log.info("step: compiled by pyro.ops.jit, one graph per batch shape" if why_eager is None
+                 else f"step: eager ({why_eager})")
         self._guide_params = _param_names(self.vae.guide, probe)
         while self.epoch < self.config.epochs:
             epoch = self.epoch + 1

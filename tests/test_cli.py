@@ -30,6 +30,7 @@ def test_train_script_on_digits_writes_its_outputs(tmp_path):
     assert (out / "reconstructions.png").exists() and (out / "evaluation_khat.png").exists()
     assert "epoch 2/2" in result.stdout and "test ELBO" in result.stdout
     assert "KL: 'z' (StudentT || Laplace)" in result.stdout
+    assert "step: compiled by pyro.ops.jit" in result.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert [m["epoch"] for m in metrics] == [1, 2]
     assert {"epoch", "train_elbo", "test_elbo", "kl", "recon"} <= set(metrics[0])
@@ -41,8 +42,9 @@ def test_train_script_on_digits_writes_its_outputs(tmp_path):
     refused = train("--epochs", "2", "--out", str(out))
     assert refused.returncode != 0 and "--resume" in refused.stderr
 
-    resumed = train("--epochs", "3", "--out", str(out), "--resume")
+    resumed = train("--epochs", "3", "--out", str(out), "--resume", "--no-jit")
     assert resumed.returncode == 0, resumed.stderr
+    assert "step: eager (jit is off)" in resumed.stdout
     assert [m["epoch"] for m in json.loads((out / "metrics.json").read_text())] == [1, 2, 3]
 
 

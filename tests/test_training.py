@@ -15,10 +15,10 @@ from conftest import requires_cuda
 
 
 def make_trainer(out, epochs=2, guide="normal", prior="normal", elbo="trace", seed=3,
-                 likelihood="bernoulli", device="cpu"):
+                 likelihood="bernoulli", device="cpu", jit=True):
     config = TrainConfig(dataset="digits", binarize="dynamic" if likelihood == "bernoulli"
                          else "none", elbo=elbo, epochs=epochs, batch_size=256, lr=3e-3,
-                         seed=seed, device=device)
+                         seed=seed, device=device, jit=jit)
     data = load_dataset("digits", binarize=config.binarize, seed=seed)
     pyro.set_rng_seed(seed)
     vae = VAE(data.x_shape, z_dim=4, guide=guide, prior=prior, likelihood=likelihood,
@@ -110,15 +110,33 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
 
 
 def break_decoder_after_first_epoch(trainer, make_output):
+    """A forward hook: Python that a compiled step runs only while recording its graph,
+    so the trainers given this run eagerly."""
     def hook(module, args, output):
         if trainer.epoch >= 1 and trainer.vae.training:
             return make_output(output)
     trainer.vae.decoder.register_forward_hook(hook)
 
 
-def test_nan_loss_stops_and_names_epoch_and_step(tmp_path):
-    trainer = make_trainer(tmp_path, epochs=3)
-    break_decoder_after_first_epoch(trainer, lambda out: out * float("nan"))
+def poison_decoder_after_first_epoch(trainer):
+    """NaN weights once epoch 1 is saved: the compiled graph reads the parameters afresh."""
+    save = trainer._save
+
+    def save_then_poison(**kwargs):
+        save(**kwargs)
+        if trainer.epoch == 1:
+            with torch.no_grad():
+                trainer.vae.decoder.net[0].weight.fill_(float("nan"))
+    trainer._save = save_then_poison
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_nan_loss_stops_and_names_epoch_and_step(tmp_path, jit):
+    trainer = make_trainer(tmp_path, epochs=3, jit=jit)
+    if jit:
+        poison_decoder_after_first_epoch(trainer)
+    else:
+        break_decoder_after_first_epoch(trainer, lambda out: out * float("nan"))
     with pytest.raises(NonFiniteLossError, match=r"epoch 2 at step 1\..*checkpoint \(epoch 1\)"
                                                   r".*--lr"):
         trainer.fit()
@@ -127,8 +145,21 @@ def test_nan_loss_stops_and_names_epoch_and_step(tmp_path):
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
 
 
+def test_compiled_and_eager_training_agree(tmp_path, caplog):
+    """The same run with the step compiled and eager: the same metrics to float rounding."""
+    runs = {}
+    for jit in (True, False):
+        with caplog.at_level(logging.INFO, logger="pyrovae"):
+            runs[jit] = make_trainer(tmp_path / str(jit), epochs=2, jit=jit).fit()
+    for compiled, eager in zip(runs[True], runs[False]):
+        for key in ("train_elbo", "test_elbo", "kl", "recon", "mutual_information"):
+            assert compiled[key] == pytest.approx(eager[key], rel=1e-4), key
+    assert "step: compiled by pyro.ops.jit, one graph per batch shape" in caplog.text
+    assert "step: eager (jit is off)" in caplog.text
+
+
 def test_ctrl_c_saves_a_checkpoint_and_returns(tmp_path):
-    trainer = make_trainer(tmp_path, epochs=3)
+    trainer = make_trainer(tmp_path, epochs=3, jit=False)
     calls = []
 
     def interrupt(out):

@@ -65,6 +65,9 @@ def add_parser(sub):
                           "mutual information I(x;z) plateaus")
     fit.add_argument("--aggressive-patience", type=int, default=5, metavar="EPOCHS",
                      help="epochs without a new highest I(x;z) that end --aggressive")
+    fit.add_argument("--no-jit", action="store_true",
+                     help="run the SVI step eagerly; by default the trace and meanfield steps "
+                          "are compiled by pyro.ops.jit (same loss, less Python per step)")
     fit.add_argument("--epochs", type=int, help=f"total epochs (default {DEFAULT_EPOCHS})")
     fit.add_argument("--batch-size", type=int, default=128)
     fit.add_argument("--lr", type=float, default=1e-3)
@@ -87,7 +90,8 @@ def run(args) -> int:
     if args.resume:
         if not args.out:
             raise SystemExit("--resume needs --out: the run folder to continue.")
-        trainer = Trainer.resume(args.out, epochs=args.epochs, progress=progress)
+        trainer = Trainer.resume(args.out, epochs=args.epochs, progress=progress,
+                                 jit=False if args.no_jit else None)
         log.info(f"resuming {args.out} at epoch {trainer.epoch} of {trainer.config.epochs}")
     else:
         trainer = build_trainer(args, progress)
@@ -118,7 +122,7 @@ def build_trainer(args, progress: bool) -> Trainer:
                          estimator=args.estimator, beta=args.beta, kl_anneal=args.kl_anneal,
                          kl_anneal_start=args.kl_anneal_start, free_bits=args.free_bits,
                          aggressive=args.aggressive,
-                         aggressive_patience=args.aggressive_patience)
+                         aggressive_patience=args.aggressive_patience, jit=not args.no_jit)
     binarize = config.resolved_binarize(args.likelihood)
     config.binarize = binarize
     data = load_dataset(config.dataset, config.data_dir, binarize=binarize, seed=config.seed)
