@@ -69,7 +69,7 @@ class VAE(nn.Module):
         self._check_shape(x)
         for name, module in self._model_modules:
             pyro.module(name, module)
-        with pyro.plate("data", x.shape[0], dim=-1):
+        with data_plate(x):
             z = pyro.sample("z", self.prior(x))
             pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
 
@@ -77,7 +77,7 @@ class VAE(nn.Module):
         self._check_shape(x)
         for name, module in self._guide_modules:
             pyro.module(name, module)
-        with pyro.plate("data", x.shape[0], dim=-1):
+        with data_plate(x):
             pyro.sample("z", self.guide_family(self.encoder(x)))
 
     # ------------------------------------------------------------ helpers
@@ -160,6 +160,18 @@ class VAE(nn.Module):
         state = torch.load(folder / CHECKPOINT_FILE, map_location=map_location, weights_only=True)
         vae.load_state_dict(state["model"])
         return vae.eval()
+
+
+def data_plate(x: torch.Tensor) -> pyro.plate:
+    """The plate over the datapoints of ``x``.
+
+    Both sizes are given as Python ints: while a compiled step is recorded
+    (``pyrovae.objectives.CompiledTerms``), a size read off a tensor is itself
+    a traced tensor, and Pyro would then scale every site's log density by a
+    tensor 1.0, some 17 operations a step. The compiled graphs are keyed on
+    the batch shape, so a constant size is right for every step that runs one.
+    """
+    return pyro.plate("data", len(x), subsample_size=len(x), dim=-1)
 
 
 def posterior_centre(q):
