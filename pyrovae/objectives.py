@@ -94,7 +94,7 @@ class CompiledTerms(Terms):
     def loss_and_grads(self, model, guide, *args, **kwargs):
         graph = self._graph(model, guide, args, kwargs)
         # unoptimized, the graph's backward is torch's eager kernels; TorchScript's own
-        # derivatives (softplus through exp and where) were slower (docs/benchmarks.md)
+        # derivatives (softplus through exp and where) were no faster (docs/benchmarks.md)
         with torch.jit.optimized_execution(False):
             loss, surrogate_loss, recon = graph(*args, **kwargs)
         surrogate_loss.backward()
