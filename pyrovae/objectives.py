@@ -15,6 +15,7 @@ free bits (Kingma et al. 2016) turn an ELBO into ``KLWeightedELBO``.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from functools import partial
 from typing import NamedTuple
@@ -85,6 +86,8 @@ class CompiledTerms(Terms):
 
     The model and guide must have static structure: no Python branch on a
     tensor's value, which the recorded graph would keep as it went the first time.
+    Code outside torch, Pyro and pyrovae that turns a tensor into a Python value
+    while a graph is recorded gets a warning naming its file and line.
     """
 
     def __init__(self, *args, **kwargs):
@@ -110,15 +113,13 @@ class CompiledTerms(Terms):
         # was cleared it is recorded again, which registers them again
         if graph is None or not all(name in pyro.get_param_store()
                                     for name in graph._param_names):
-            graph = pyro.ops.jit.trace(partial(self._step_terms, model, guide),
-                                       ignore_warnings=True)
+            graph = pyro.ops.jit.trace(partial(self._step_terms, model, guide))
             devices = [a.device for a in args if torch.is_tensor(a) and a.is_cuda]
-            with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
-                # torch marks torch.jit.trace deprecated, but it is what pyro.ops.jit
-                # records with; tests/test_objectives.py checks the graph it records
-                warnings.filterwarnings("ignore", category=FutureWarning,
-                                        message=".*torch.jit.trace.*")
+            with torch.random.fork_rng(devices=devices), \
+                    warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 graph(*args, **kwargs)
+            _report_recording_warnings(caught)
             self._graphs[key] = graph
         return graph
 
@@ -146,6 +147,35 @@ class CompiledTrace_ELBO(CompiledTerms, Trace_ELBO):
 
 class CompiledTraceMeanField_ELBO(CompiledTerms, TraceMeanField_ELBO):
     """``TraceMeanField_ELBO`` (recording its terms) with the step compiled."""
+
+
+# code whose conversions of traced tensors to Python values pyrovae has checked: they
+# read shapes (constant within a graph, which is keyed on the shape) or log
+_CHECKED_CODE = tuple(os.path.dirname(path) + os.sep
+                      for path in (torch.__file__, pyro.__file__, __file__))
+
+
+def _report_recording_warnings(caught) -> None:
+    """While a graph is recorded, a tensor turned into a Python value becomes a
+    constant of the graph. Pyro, torch and pyrovae do it only with shapes; code
+    elsewhere (a custom family or network) may do it with values, which would be
+    wrong in every later step, so it is named. Other warnings pass on."""
+    named = set()
+    for w in caught:
+        if issubclass(w.category, torch.jit.TracerWarning):
+            if not w.filename.startswith(_CHECKED_CODE) and (w.filename, w.lineno) not in named:
+                named.add((w.filename, w.lineno))
+                warnings.warn(
+                    f"while the compiled step was recorded, {w.filename}:{w.lineno} turned a "
+                    f"tensor into a Python value ({str(w.message).split('.')[0]}). The graph "
+                    f"keeps the value it had then: if it depends on the data or the "
+                    f"parameters, the compiled step is wrong. Train with --no-jit "
+                    f"(TrainConfig(jit=False), make_elbo(..., jit=False)) if it does.",
+                    UserWarning)
+        elif not (issubclass(w.category, FutureWarning) and "torch.jit.trace" in str(w.message)):
+            # torch marks torch.jit.trace deprecated, but it is what pyro.ops.jit records
+            # with; tests/test_objectives.py checks the graphs it records
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _log_prob_sum(trace) -> torch.Tensor:

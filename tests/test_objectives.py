@@ -3,6 +3,7 @@
 import json
 import logging
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -354,8 +355,11 @@ def test_compiled_step_gives_the_loss_terms_and_parameters_of_plain_svi(
     batches = [x[:64], x[64:101], x[101:165], x[165:202]]
     eager = train_steps(OBJECTIVES[name], SVI, pyro.optim.Adam({"lr": 1e-2}), batches,
                         **families)
-    compiled = train_steps(COMPILED[name], FusedSVI, FusedOptim(torch.optim.Adam, {"lr": 1e-2}),
-                           batches, **families)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = train_steps(COMPILED[name], FusedSVI,
+                               FusedOptim(torch.optim.Adam, {"lr": 1e-2}), batches, **families)
+    assert not [w for w in caught if "turned a tensor into a Python value" in str(w.message)]
     assert compiled[0] == pytest.approx(eager[0], rel=1e-6)
     assert compiled[1] == pytest.approx(eager[1], rel=1e-6)
     for param, value in eager[2].items():
@@ -375,6 +379,31 @@ def test_compiled_step_records_again_after_the_param_store_is_cleared(binary_dig
     pyro.set_rng_seed(5)
     assert svi.step(x) == pytest.approx(eager, rel=1e-6)
     assert len(elbo._graphs) == 1
+
+
+class EncoderThatBranchesOnValues(torch.nn.Module):
+    """A custom encoder whose Python branch depends on the data: a recorded graph
+    would keep the branch taken on the first batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(64, 2 * 2)
+
+    def forward(self, x):
+        raw = self.net(x.reshape(x.shape[0], -1)).reshape(x.shape[0], 2, 2)
+        if x.mean() > 0.5:
+            raw = -raw
+        return raw
+
+
+def test_compiled_step_names_custom_code_that_turns_tensors_into_values(binary_digits):
+    vae = small_vae(encoder=EncoderThatBranchesOnValues())
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-2}), make_elbo("trace", jit=True))
+    with pytest.warns(UserWarning, match=r"test_objectives\.py:\d+ turned a tensor into a "
+                                         r"Python value \(Converting a tensor to a Python "
+                                         r"boolean.*--no-jit") as caught:
+        svi.step(binary_digits.train[:64])
+    assert sum("turned a tensor" in str(w.message) for w in caught) == 1  # the branch alone
 
 
 def test_compiled_step_with_vectorized_particles(binary_digits):
