@@ -150,16 +150,17 @@ class CompiledTraceMeanField_ELBO(CompiledTerms, TraceMeanField_ELBO):
 
 
 # code whose conversions of traced tensors to Python values pyrovae has checked: they
-# read shapes (constant within a graph, which is keyed on the shape) or log
+# read shapes, constant within a graph as it is keyed on the shape, or (Trace_ELBO's
+# .item()) the loss value, which CompiledTrace_ELBO replaces by a tensor
 _CHECKED_CODE = tuple(os.path.dirname(path) + os.sep
                       for path in (torch.__file__, pyro.__file__, __file__))
 
 
 def _report_recording_warnings(caught) -> None:
     """While a graph is recorded, a tensor turned into a Python value becomes a
-    constant of the graph. Pyro, torch and pyrovae do it only with shapes; code
-    elsewhere (a custom family or network) may do it with values, which would be
-    wrong in every later step, so it is named. Other warnings pass on."""
+    constant of the graph. Code outside torch, Pyro and pyrovae (a custom family
+    or network) may do it with values, which would be wrong in every later step,
+    so it is named. Other warnings pass on."""
     named = set()
     for w in caught:
         if issubclass(w.category, torch.jit.TracerWarning):
@@ -471,7 +472,8 @@ COMPILED = {
 }
 
 
-def why_not_compiled(name: str, estimator: str = "reparam", kl_weighted: bool = False) -> str | None:
+def why_not_compiled(name: str, estimator: str = "reparam",
+                     kl_weighted: bool = False) -> str | None:
     """None where ``make_elbo(..., jit=True)`` can compile the step, else the reason."""
     if name not in COMPILED:
         return f"only the trace and meanfield objectives are compiled, not {name!r}"
