@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import warnings
 
 import pyro
 import torch
@@ -75,7 +74,6 @@ def main(argv=None):
     parser.add_argument("--json", help="write the results to this path")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", message=".*profiler.*")
     torch.manual_seed(0)
     x = torch.bernoulli(load_dataset("mnist", binarize="dynamic", seed=0).train[:args.batch])
     cpu = torch.device("cpu")
