@@ -1,29 +1,33 @@
-"""The figures of a run: matplotlib PNGs with fixed names and pixel sizes.
+"""Every figure of pyrovae: matplotlib PNGs with fixed names and pixel sizes.
 
-``write_figures(run_folder, vae, dataset, metrics)`` writes all of them; each
-``plot_*`` function returns one ``Figure``. File names, sizes and contents are
-listed in ``docs/figures.md``. Every figure is ``FIGURE_SIZES[name]`` inches at
-``DPI`` dots per inch, saved without ``bbox_inches="tight"`` so that its size
-in pixels is fixed.
+``write_figures(run_folder, vae, dataset, metrics)`` writes a run's figures;
+the evaluation's two (``plot_khat``, ``plot_iwae_bounds``) are written by
+``pyrovae.pipelines``. Each ``plot_*`` function returns one ``Figure``. File
+names, sizes and contents are listed in ``docs/figures.md``. Every figure is
+``FIGURE_SIZES[name]`` inches at ``DPI`` dots per inch, saved without
+``bbox_inches="tight"`` so that its size in pixels is fixed.
+
+The figures are ``matplotlib.figure.Figure`` objects, never pyplot's: they
+render with Agg whatever the backend, so importing pyrovae in a notebook
+leaves the user's backend and open figures alone.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torchvision.utils import make_grid
 
-matplotlib.use("Agg")  # files only: there may be no display
-
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
-
-from pyrovae.errors import PyrovaeError  # noqa: E402
-from pyrovae.evaluation.diagnostics import (  # noqa: E402
-    encode, evaluating, factorizes, kl_per_dim, model_device)
-from pyrovae.vae import posterior_centre  # noqa: E402
+from pyrovae.atomic import atomic_write
+from pyrovae.collapse import factorizes, kl_per_dim
+from pyrovae.errors import PyrovaeError
+from pyrovae.evaluation.diagnostics import import_arviz
+from pyrovae.evaluation.marginal import KHAT_THRESHOLD, MIN_SAMPLES_FOR_KHAT
+from pyrovae.vae import posterior_centre
 
 DPI = 100
 FIGURE_SIZES = {  # inches; pixels are these times DPI
@@ -36,6 +40,8 @@ FIGURE_SIZES = {  # inches; pixels are these times DPI
     "kl_per_dim": (6, 4),
 }
 FIGURE_FILES = {name: f"{name}.png" for name in FIGURE_SIZES}
+EVALUATION_FIGURE_SIZES = {"evaluation_khat": (7, 4), "evaluation_iwae_bound": (6, 4)}
+KHAT_FIGURE, IWAE_FIGURE = (f"{name}.png" for name in EVALUATION_FIGURE_SIZES)
 
 GRID_COLUMNS = 8
 INTERPOLATION_PAIRS = 6
@@ -43,11 +49,12 @@ INTERPOLATION_STEPS = 10
 MANIFOLD_SIZE = 15
 MANIFOLD_QUANTILES = (0.05, 0.95)  # the outer quantiles: the tails decode to little
 QUANTILE_SAMPLES = 100_000
+ENCODE_BATCH = 1000
 
 
 def pixel_size(name: str) -> tuple[int, int]:
     """(width, height) in pixels of the figure ``name``."""
-    width, height = FIGURE_SIZES[name]
+    width, height = {**FIGURE_SIZES, **EVALUATION_FIGURE_SIZES}[name]
     return round(width * DPI), round(height * DPI)
 
 
@@ -68,9 +75,9 @@ def write_figures(run_folder, vae, dataset, metrics: list[dict] | None = None,
         "interpolation": lambda: plot_interpolation(vae, dataset.test, seed),
         "latent_scatter": lambda: plot_latent_scatter(vae, dataset.test, dataset.test_labels),
     }
-    with evaluating(vae):
-        like = dataset.test[:2].to(model_device(vae))
-        factorized = factorizes(vae.prior(like)) and factorizes(vae.encode(like))
+    with vae.evaluating():
+        factorized = factorizes(vae.prior_distribution()) and factorizes(
+            vae.encode(dataset.test[:2].to(vae.device)))
     if factorized:
         figures["kl_per_dim"] = lambda: plot_kl_per_dim(vae, dataset.test, seed)
     if vae.z_dim == 2 and factorized:
@@ -86,8 +93,12 @@ def write_figures(run_folder, vae, dataset, metrics: list[dict] | None = None,
 
 
 def save(fig: Figure, path) -> None:
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
+
+
+def _figure(name: str, **kwargs) -> Figure:
+    sizes = {**FIGURE_SIZES, **EVALUATION_FIGURE_SIZES}
+    return Figure(figsize=sizes[name], dpi=DPI, **kwargs)
 
 
 # ---------------------------------------------------------------- image grids
@@ -97,8 +108,8 @@ def plot_reconstructions(vae, x: torch.Tensor, seed: int = 0, rows: int = 4) -> 
     """Rows of test inputs, each over the row of their reconstructions."""
     k = rows * GRID_COLUMNS
     chosen = x[_choose(len(x), k, seed, replacement=len(x) < k)].cpu()
-    with evaluating(vae):
-        recon = vae.reconstruct(chosen.to(model_device(vae))).cpu()
+    with vae.evaluating():
+        recon = vae.reconstruct(chosen.to(vae.device)).cpu()
     pairs = torch.stack([chosen.reshape(rows, GRID_COLUMNS, *chosen.shape[1:]),
                          recon.reshape(rows, GRID_COLUMNS, *recon.shape[1:])], dim=1)
     return _image_figure("reconstructions", pairs.flatten(0, 2), GRID_COLUMNS,
@@ -107,7 +118,7 @@ def plot_reconstructions(vae, x: torch.Tensor, seed: int = 0, rows: int = 4) -> 
 
 def plot_prior_samples(vae, seed: int = 0, n: int = 64) -> Figure:
     """The mean image of p(x|z) for z drawn from the prior."""
-    with evaluating(vae, seed):
+    with vae.evaluating(seed):
         images = vae.sample(n).cpu()
     return _image_figure("prior_samples", images, GRID_COLUMNS, "mean of p(x|z), z ~ p(z)")
 
@@ -119,12 +130,11 @@ def plot_interpolation(vae, x: torch.Tensor, seed: int = 0, pairs: int = INTERPO
     if len(x) < 2:
         raise PyrovaeError("interpolation needs at least 2 test images.")
     chosen = x[_choose(len(x), 2 * pairs, seed, replacement=len(x) < 2 * pairs)].cpu()
-    with evaluating(vae):
-        device = model_device(vae)
-        z = posterior_centre(encode(vae, chosen)).reshape(pairs, 2, -1)
-        weight = torch.linspace(0, 1, steps, device=device).reshape(1, steps, 1)
+    with vae.evaluating():
+        z = posterior_centre(vae.encode(chosen, ENCODE_BATCH)).reshape(pairs, 2, -1)
+        weight = torch.linspace(0, 1, steps, device=vae.device).reshape(1, steps, 1)
         line = (1 - weight) * z[:, :1] + weight * z[:, 1:]
-        decoded = vae.likelihood.mean(vae.decoder(line)).cpu()
+        decoded = vae.decode_mean(line).cpu()
     ends = chosen.reshape(pairs, 2, *chosen.shape[1:])
     rows = torch.cat([ends[:, :1], decoded, ends[:, 1:]], dim=1)
     return _image_figure("interpolation", rows.flatten(0, 1), steps + 2,
@@ -138,13 +148,12 @@ def plot_manifold(vae, size: int = MANIFOLD_SIZE) -> Figure:
     if vae.z_dim != 2:
         raise PyrovaeError(f"the manifold figure needs z_dim=2, but this VAE has z_dim="
                            f"{vae.z_dim}; the latent scatter works for any z_dim.")
-    device = model_device(vae)
-    with evaluating(vae, seed=0):
-        levels = torch.linspace(*MANIFOLD_QUANTILES, size, device=device)
+    with vae.evaluating(seed=0):
+        levels = torch.linspace(*MANIFOLD_QUANTILES, size, device=vae.device)
         quantiles, method = prior_quantiles(vae, levels)  # (size, 2)
         z1, z2 = torch.meshgrid(quantiles[:, 0], quantiles[:, 1].flip(0), indexing="xy")
         z = torch.stack([z1, z2], dim=-1).reshape(-1, 2)
-        images = vae.likelihood.mean(vae.decoder(z)).cpu()
+        images = vae.decode_mean(z).cpu()
     return _image_figure("manifold", images, size,
                          f"p(x|z) mean over prior quantiles {MANIFOLD_QUANTILES} ({method})")
 
@@ -156,7 +165,7 @@ def prior_quantiles(vae, levels: torch.Tensor) -> tuple[torch.Tensor, str]:
     LogNormal through its transform); otherwise (StudentT, Gamma) estimated by
     sorting QUANTILE_SAMPLES prior draws, as torch has no inverse CDF for them.
     """
-    base = vae.prior(levels).base_dist
+    base = vae.prior_distribution().base_dist
     try:
         return base.icdf(levels.unsqueeze(-1)), "exact"
     except NotImplementedError:
@@ -166,7 +175,7 @@ def prior_quantiles(vae, levels: torch.Tensor) -> tuple[torch.Tensor, str]:
 
 def _image_figure(name: str, images: torch.Tensor, columns: int, title: str) -> Figure:
     grid = make_grid(_as_channels(images.cpu()).clamp(0, 1), nrow=columns, padding=1, pad_value=1.0)
-    fig = plt.figure(figsize=FIGURE_SIZES[name], dpi=DPI)
+    fig = _figure(name)
     ax = fig.add_axes((0.02, 0.02, 0.96, 0.9))
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
     ax.set_axis_off()
@@ -198,9 +207,9 @@ def plot_latent_scatter(vae, x: torch.Tensor, labels: torch.Tensor | None = None
     """Encoded test means (medians for a lognormal guide), coloured by label: the
     two coordinates themselves for z_dim=2, the first two principal components
     for more, and the one coordinate against the label for z_dim=1."""
-    with evaluating(vae):
-        z = posterior_centre(encode(vae, x)).cpu().numpy()
-    fig = plt.figure(figsize=FIGURE_SIZES["latent_scatter"], dpi=DPI)
+    with vae.evaluating():
+        z = posterior_centre(vae.encode(x, ENCODE_BATCH)).cpu().numpy()
+    fig = _figure("latent_scatter")
     ax = fig.add_subplot()
     colours = dict(c="tab:blue") if labels is None else dict(
         c=labels.cpu().numpy(), cmap="tab10", vmin=-0.5, vmax=9.5)
@@ -241,7 +250,8 @@ def plot_training_curves(metrics: list[dict]) -> Figure:
     if not metrics:
         raise PyrovaeError("no metrics to plot: metrics.json is empty; train for an epoch first.")
     epochs = [m["epoch"] for m in metrics]
-    fig, axes = plt.subplots(1, len(CURVES), figsize=FIGURE_SIZES["training_curves"], dpi=DPI)
+    fig = _figure("training_curves")
+    axes = fig.subplots(1, len(CURVES))
     for ax, (title, train_key, test_key) in zip(axes, CURVES):
         marker = "o" if len(epochs) < 20 else None
         ax.plot(epochs, [m[train_key] for m in metrics], label="train", marker=marker)
@@ -257,12 +267,11 @@ def plot_training_curves(metrics: list[dict]) -> Figure:
 
 def plot_kl_per_dim(vae, x: torch.Tensor, seed: int = 0) -> Figure:
     """E_x KL(q(z_u|x) || p(z_u)) per latent dimension u on ``x``, largest first."""
-    with evaluating(vae, seed):
-        q = encode(vae, x)
-        kl, method = kl_per_dim(q, vae.prior(q.mean))
+    with vae.evaluating(seed):
+        kl, method = kl_per_dim(vae.encode(x, ENCODE_BATCH), vae.prior_distribution())
     kl = kl.cpu()
     order = kl.argsort(descending=True)
-    fig = plt.figure(figsize=FIGURE_SIZES["kl_per_dim"], dpi=DPI)
+    fig = _figure("kl_per_dim")
     ax = fig.add_subplot()
     ax.bar(range(len(kl)), kl[order].numpy(), color="tab:blue")
     ax.set_xticks(range(len(kl)), [str(int(u) + 1) for u in order],
@@ -272,4 +281,47 @@ def plot_kl_per_dim(vae, x: torch.Tensor, seed: int = 0) -> Figure:
     ax.set_title(f"KL per latent dimension on the test set ({method}); "
                  f"total {float(kl.sum()):.2f}", fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------- the evaluation's figures
+
+
+def plot_khat(khat: np.ndarray, num_samples: int) -> Figure:
+    """ArviZ's k-hat plot of the PSIS k-hat per test datapoint."""
+    import xarray as xr
+    from matplotlib import MatplotlibDeprecationWarning
+
+    az = import_arviz()
+    fig = _figure("evaluation_khat", layout="constrained")
+    ax = fig.add_subplot()
+    finite = np.isfinite(khat)
+    if finite.any():
+        # ELPDData rather than a bare array, which plot_khat deprecates
+        khats = az.ELPDData(data=[xr.DataArray(np.where(finite, khat, np.nan), dims=["datapoint"]),
+                                  KHAT_THRESHOLD], index=["pareto_k", "good_k"])
+        with warnings.catch_warnings():
+            # arviz 0.23 calls a matplotlib helper that matplotlib 3.11 deprecates
+            warnings.simplefilter("ignore", MatplotlibDeprecationWarning)
+            az.plot_khat(khats, show_hlines=True, ax=ax)
+        ax.set_title(f"PSIS k-hat per datapoint, K={num_samples}: "
+                     f"{np.mean(khat[finite] > KHAT_THRESHOLD):.1%} above {KHAT_THRESHOLD}")
+    else:
+        ax.set_title(f"no k-hat: K={num_samples} < {MIN_SAMPLES_FOR_KHAT}")
+    ax.set_xlabel("test datapoint")
+    ax.set_ylabel("PSIS k-hat")
+    return fig
+
+
+def plot_iwae_bounds(bounds: dict[int, float], subset_size: int, dataset: str) -> Figure:
+    """The IWAE bound against the number of importance samples K."""
+    fig = _figure("evaluation_iwae_bound", layout="constrained")
+    ax = fig.add_subplot()
+    ks = sorted(bounds)
+    ax.plot(ks, [bounds[k] for k in ks], marker="o")
+    ax.set_xscale("log")
+    ax.set_xlabel("K (importance samples)")
+    ax.set_ylabel("IWAE bound (nats per datapoint)")
+    ax.set_title(f"IWAE bound as K grows: {subset_size} {dataset} test images")
+    ax.grid(True, alpha=0.3)
     return fig

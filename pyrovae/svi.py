@@ -8,6 +8,8 @@ kernel, as the trainer uses it) the update agrees to float rounding
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pyro
 import torch
 from pyro import poutine
@@ -84,7 +86,10 @@ class FusedOptim(PyroOptim):
 
 class FusedSVI(SVI):
     """``pyro.infer.SVI`` with less work per step, for a model and guide whose set of
-    parameters stays the same from step to step (as a ``VAE``'s does).
+    parameters stays the same from step to step (as a ``VAE``'s does). ``params``,
+    a test on parameter names, restricts the update to some of them (aggressive
+    training steps the guide's and the model's apart); every parameter's gradient
+    is cleared after the step.
 
     ``SVI.step`` traces the params in every step, and zero-fills their
     gradients. This step finds them once, in its first step, which also runs
@@ -93,19 +98,33 @@ class FusedSVI(SVI):
     loss, its gradients and the update are those of ``SVI.step``.
     """
 
-    def __init__(self, model, guide, optim, loss, **kwargs):
+    def __init__(self, model, guide, optim, loss, params: Callable[[str], bool] | None = None,
+                 **kwargs):
         super().__init__(model, guide, optim, loss, **kwargs)
-        self.params: list[torch.Tensor] | None = None
+        self.keep = params
+        self.params: list[torch.Tensor] | None = None  # the ones updated
+        self.traced: list[torch.Tensor] = []  # all the step's, whose gradients it clears
 
     def step(self, *args, **kwargs) -> float:
         if self.params is None:
             with poutine.trace(param_only=True) as capture:
                 loss = self.loss_and_grads(self.model, self.guide, *args, **kwargs)
-            self.params = [site["value"].unconstrained() for site in capture.trace.nodes.values()]
+            params = {name: site["value"].unconstrained()
+                      for name, site in capture.trace.nodes.items()}
+            self.traced = list(params.values())
+            self.params = [p for name, p in params.items() if self.keep is None or self.keep(name)]
         else:
             with pyro.validation_enabled(False):
                 loss = self.loss_and_grads(self.model, self.guide, *args, **kwargs)
         self.optim(self.params)
-        for p in self.params:
+        for p in self.traced:
             p.grad = None
         return torch_item(loss)
+
+
+def param_names(fn, *args) -> set[str]:
+    """The names of the Pyro params ``fn`` registers, found without touching the global RNG."""
+    devices = [a.device for a in args if torch.is_tensor(a) and a.is_cuda]
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        trace = poutine.trace(fn, param_only=True).get_trace(*args)
+    return set(trace.nodes)

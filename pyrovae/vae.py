@@ -1,25 +1,36 @@
-"""The VAE: a Pyro ``model`` p(z) p(x|z) and a Pyro ``guide`` q(z|x).
+"""The VAE: a Pyro ``model`` p(z) p(x|z) and a Pyro ``guide`` q(z|x), and its helpers.
 
 Saved as ``config.json`` (how to rebuild it) plus ``checkpoint.pt`` (its
-``state_dict`` under the key ``"model"``), and loaded in one call.
+``state_dict`` under the key ``"model"``) through ``pyrovae.run``, and loaded
+in one call. ``load_run`` rebuilds a whole run: the VAE, its data and its
+training config.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 from pathlib import Path
 
 import pyro
 import torch
 from torch import nn
 
-from pyrovae.atomic import atomic_torch_save, atomic_write_json
+from pyrovae import run
+from pyrovae.data import Dataset, load_dataset
 from pyrovae.errors import DataError, PyrovaeError
-from pyrovae.families import check_supports, make_guide, make_likelihood, make_prior
+from pyrovae.families import (
+    GUIDES,
+    LIKELIHOODS,
+    PRIORS,
+    check_supports,
+    make_guide,
+    make_likelihood,
+    make_prior,
+)
 from pyrovae.networks import MLPDecoder, MLPEncoder
+from pyrovae.run import CHECKPOINT_FILE, CONFIG_FILE, ModelConfig, TrainConfig  # noqa: F401
 
-CONFIG_FILE = "config.json"
-CHECKPOINT_FILE = "checkpoint.pt"
+_DEFAULTS = ModelConfig()
 
 
 class VAE(nn.Module):
@@ -30,8 +41,9 @@ class VAE(nn.Module):
     the shapes they must map between).
     """
 
-    def __init__(self, x_shape, z_dim: int = 20, prior="normal", guide="normal",
-                 likelihood="bernoulli", hidden=(400,), activation="softplus",
+    def __init__(self, x_shape, z_dim: int = _DEFAULTS.z_dim, prior="normal", guide="normal",
+                 likelihood="bernoulli", hidden=_DEFAULTS.hidden,
+                 activation=_DEFAULTS.activation,
                  encoder: nn.Module | None = None, decoder: nn.Module | None = None,
                  prior_kwargs=None, guide_kwargs=None, likelihood_kwargs=None):
         super().__init__()
@@ -45,17 +57,12 @@ class VAE(nn.Module):
             self.x_shape, self.z_dim, self.guide_family.num_params, hidden, activation)
         self.decoder = decoder or MLPDecoder(
             self.x_shape, self.z_dim, self.likelihood.num_params, hidden, activation)
-        self.config = {
-            "x_shape": list(self.x_shape),
-            "z_dim": self.z_dim,
-            "prior": _family_config(self.prior),
-            "guide": _family_config(self.guide_family),
-            "likelihood": _family_config(self.likelihood),
-            "hidden": list(hidden),
-            "activation": activation,
-            "encoder": "mlp" if encoder is None else "custom",
-            "decoder": "mlp" if decoder is None else "custom",
-        }
+        self.config = ModelConfig(
+            x_shape=self.x_shape, z_dim=self.z_dim,
+            prior=_family_config(self.prior), guide=_family_config(self.guide_family),
+            likelihood=_family_config(self.likelihood), hidden=tuple(hidden),
+            activation=activation, encoder="mlp" if encoder is None else "custom",
+            decoder="mlp" if decoder is None else "custom").to_dict()
         # pyro.module walks every parameter on each call: register only the
         # families that own parameters, decided once here.
         self._model_modules = [("decoder", self.decoder)] + [
@@ -81,25 +88,61 @@ class VAE(nn.Module):
             pyro.sample("z", self.guide_family(self.encoder(x)))
 
     # ------------------------------------------------------------ helpers
-    def encode(self, x: torch.Tensor) -> torch.distributions.Distribution:
-        """q(z|x) as a distribution with batch shape (N,) and event shape (z_dim,)."""
-        return self.guide_family(self.encoder(x))
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def encode(self, x: torch.Tensor, batch_size: int | None = None
+               ) -> torch.distributions.Distribution:
+        """q(z|x) as a distribution with batch shape (N,) and event shape (z_dim,).
+        With ``batch_size``, ``x`` is moved to the VAE's device and encoded in
+        batches of that size (for a whole data set)."""
+        if batch_size is None:
+            return self.guide_family(self.encoder(x))
+        if len(x) == 0:
+            raise PyrovaeError("no data to encode: pass at least one datapoint.")
+        return self.guide_family(torch.cat([self.encoder(chunk.to(self.device))
+                                            for chunk in x.split(batch_size)]))
 
     def decode(self, z: torch.Tensor) -> torch.distributions.Distribution:
         """p(x|z) with the whole image as its event."""
         return self.likelihood(self.decoder(z))
 
+    def decode_mean(self, z: torch.Tensor) -> torch.Tensor:
+        """The mean image of p(x|z), for reconstructions, samples and figures."""
+        return self.likelihood.mean(self.decoder(z))
+
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """The mean of p(x|z) at z = the mean of q(z|x) (the median for heavy tails)."""
-        q = self.encode(x)
-        z = posterior_centre(q)
-        return self.likelihood.mean(self.decoder(z))
+        return self.decode_mean(posterior_centre(self.encode(x)))
 
     def sample(self, n: int) -> torch.Tensor:
         """Mean images of p(x|z) for z drawn from the prior."""
-        like = next(self.parameters())
-        z = self.prior(like).sample((n,))
-        return self.likelihood.mean(self.decoder(z))
+        return self.decode_mean(self.prior_distribution().sample((n,)))
+
+    def prior_distribution(self) -> torch.distributions.Distribution:
+        """p(z) on the VAE's device and dtype. A prior may take a tensor for them
+        (``forward(self, like)``, as user priors written for pyrovae 0.1 do); which
+        tensor does not matter."""
+        return self.prior(next(self.parameters()))
+
+    @contextlib.contextmanager
+    def evaluating(self, seed: int | None = None):
+        """No gradients, eval mode restored afterwards, and (with ``seed``) a private
+        RNG stream, so that a diagnostic run between epochs neither changes the
+        training trajectory nor depends on where training stopped."""
+        was_training = self.training
+        cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        rng = (torch.random.fork_rng(devices=cuda_devices) if seed is not None
+               else contextlib.nullcontext())
+        self.eval()
+        try:
+            with rng, torch.no_grad():
+                if seed is not None:
+                    torch.manual_seed(seed)
+                yield
+        finally:
+            self.train(was_training)
 
     def check_data(self, x: torch.Tensor, what: str = "data") -> None:
         """Check shape, finiteness and support once, before any SVI step."""
@@ -125,22 +168,21 @@ class VAE(nn.Module):
         """Write config.json and checkpoint.pt (atomically) into ``folder``."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        config = _read_json(folder / CONFIG_FILE) if (folder / CONFIG_FILE).exists() else {}
-        config["model"] = self.config
-        atomic_write_json(folder / CONFIG_FILE, config)
-        atomic_torch_save({"model": self.state_dict(), **(extra or {})}, folder / CHECKPOINT_FILE)
+        run.write_config(folder, self.config)
+        run.write_checkpoint(folder, {"model": self.state_dict(), **(extra or {})})
 
     @classmethod
     def from_config(cls, config: dict, **overrides) -> "VAE":
-        kwargs = dict(x_shape=config["x_shape"], z_dim=config["z_dim"],
-                      hidden=config["hidden"], activation=config["activation"])
+        parsed = ModelConfig.from_dict(config)
+        kwargs = dict(x_shape=parsed.x_shape, z_dim=parsed.z_dim,
+                      hidden=parsed.hidden, activation=parsed.activation)
         for part in ("prior", "guide", "likelihood"):
-            spec = dict(config[part])
+            spec = dict(getattr(parsed, part))
             kwargs[part] = spec.pop("name")
             kwargs[f"{part}_kwargs"] = spec
         for part in ("prior", "guide", "likelihood", "encoder", "decoder"):
-            custom = config[part] == "custom" or (
-                isinstance(config[part], dict) and config[part].get("custom"))
+            value = getattr(parsed, part)
+            custom = value == "custom" or (isinstance(value, dict) and value.get("custom"))
             if custom and part not in overrides:
                 raise PyrovaeError(
                     f"this VAE was saved with a custom {part}, which config.json cannot "
@@ -154,12 +196,21 @@ class VAE(nn.Module):
     def load(cls, folder, map_location="cpu", **overrides) -> "VAE":
         """Rebuild a saved or trained VAE for evaluation. Custom parts not found in
         the registries are passed again as keyword arguments (``encoder=...``)."""
-        folder = Path(folder)
-        config = _read_json(folder / CONFIG_FILE)["model"]
-        vae = cls.from_config(config, **overrides)
-        state = torch.load(folder / CHECKPOINT_FILE, map_location=map_location, weights_only=True)
-        vae.load_state_dict(state["model"])
+        vae = cls.from_config(run.read_config(folder)["model"], **overrides)
+        vae.load_state_dict(run.read_checkpoint(folder, map_location)["model"])
         return vae.eval()
+
+
+def load_run(folder, data_dir: str | None = None, device="cpu") -> tuple[VAE, Dataset, TrainConfig]:
+    """A run folder's trained VAE (in eval mode, on ``device``), its data set as
+    training loaded it (same binarization and seed), and its TrainConfig."""
+    config = run.read_train_config(folder)
+    if data_dir is not None:
+        config.data_dir = data_dir
+    vae = VAE.load(folder, map_location=device).to(device)
+    data = load_dataset(config.dataset, config.data_dir, seed=config.seed,
+                        binarize=config.resolved_binarize(vae.likelihood.name))
+    return vae, data, config
 
 
 def data_plate(x: torch.Tensor) -> pyro.plate:
@@ -184,14 +235,7 @@ def posterior_centre(q):
 def _family_config(family) -> dict:
     """A registered family is saved by name; any other is marked custom, and
     ``VAE.load`` asks for it again."""
-    from pyrovae.families import GUIDES, LIKELIHOODS, PRIORS
-
     for registry in (PRIORS, GUIDES, LIKELIHOODS):
         if registry.get(family.name) is type(family):
             return {"name": family.name, **family.settings}
     return {"name": family.name or type(family).__name__, "custom": True}
-
-
-def _read_json(path):
-    with open(path) as f:
-        return json.load(f)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from pyrovae.errors import NonFiniteLossError, PyrovaeError
@@ -13,6 +14,8 @@ SUBCOMMANDS = ("train", "evaluate", "plot")
 
 
 def main(argv=None) -> int:
+    # files only, and there may be no display; a backend the user chose stands
+    os.environ.setdefault("MPLBACKEND", "Agg")
     parser = argparse.ArgumentParser(prog="pyrovae", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:

@@ -6,7 +6,8 @@ the run folder (see docs/marginal_likelihood.md).
 
 from __future__ import annotations
 
-from pyrovae.evaluation.marginal import DEFAULT_MAX_ELEMENTS, evaluate_run
+from pyrovae.evaluation.marginal import DEFAULT_MAX_ELEMENTS
+from pyrovae.pipelines import evaluate_run
 
 DEFAULT_NUM_SAMPLES = 5000
 

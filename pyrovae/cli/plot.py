@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
-from pyrovae.training import METRICS_FILE, load_run
+from pyrovae.run import read_metrics
+from pyrovae.vae import load_run
 
 log = logging.getLogger("pyrovae")
 
@@ -26,8 +26,7 @@ def run(args) -> int:
 
     folder = Path(args.run_folder)
     vae, data, config = load_run(folder, args.data_dir)
-    metrics_path = folder / METRICS_FILE
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else []
+    metrics = read_metrics(folder)
     seed = config.seed if args.seed is None else args.seed
     written = write_figures(folder, vae, data, metrics, seed=seed)
     log.info(f"wrote {len(written)} figures in {folder}: {', '.join(p.name for p in written)}")

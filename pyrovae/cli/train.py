@@ -10,16 +10,17 @@ import pyro
 
 from pyrovae.cli import parse_key_values
 from pyrovae.data import BINARIZE_MODES, DATASET_NAMES, load_dataset
-from pyrovae.evaluation.marginal import evaluate_test_set
 from pyrovae.families import GUIDES, LIKELIHOODS, PRIORS
 from pyrovae.networks import ACTIVATIONS
 from pyrovae.objectives import ESTIMATORS, OBJECTIVES
-from pyrovae.training import METRICS_FILE, Trainer, TrainConfig
-from pyrovae.vae import CHECKPOINT_FILE, VAE
+from pyrovae.pipelines import evaluate_test_set
+from pyrovae.run import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, ModelConfig, holds_run
+from pyrovae.training import Trainer, TrainConfig
+from pyrovae.vae import VAE
 
 log = logging.getLogger("pyrovae")
 
-DEFAULT_EPOCHS = 100
+MODEL, TRAINING = ModelConfig(), TrainConfig()  # the defaults
 
 
 def add_parser(sub):
@@ -41,9 +42,9 @@ def add_parser(sub):
     model.add_argument("--likelihood", default="bernoulli", choices=sorted(LIKELIHOODS))
     model.add_argument("--likelihood-param", action="append", metavar="KEY=VALUE",
                        help="e.g. scale=0.1 (gaussian-fixed), sigma=per-datapoint (gaussian)")
-    model.add_argument("--z-dim", type=int, default=20)
-    model.add_argument("--hidden", type=int, nargs="+", default=[400])
-    model.add_argument("--activation", default="softplus", choices=sorted(ACTIVATIONS))
+    model.add_argument("--z-dim", type=int, default=MODEL.z_dim)
+    model.add_argument("--hidden", type=int, nargs="+", default=list(MODEL.hidden))
+    model.add_argument("--activation", default=MODEL.activation, choices=sorted(ACTIVATIONS))
     fit = p.add_argument_group("training")
     fit.add_argument("--elbo", default="trace", choices=sorted(OBJECTIVES),
                      help="trace: Monte Carlo ELBO; meanfield: analytic KL where one exists; "
@@ -68,7 +69,7 @@ def add_parser(sub):
     fit.add_argument("--no-jit", action="store_true",
                      help="run the SVI step eagerly; by default the trace and meanfield steps "
                           "are compiled by pyro.ops.jit (same loss, less Python per step)")
-    fit.add_argument("--epochs", type=int, help=f"total epochs (default {DEFAULT_EPOCHS})")
+    fit.add_argument("--epochs", type=int, help=f"total epochs (default {TRAINING.epochs})")
     fit.add_argument("--batch-size", type=int, default=128)
     fit.add_argument("--lr", type=float, default=1e-3)
     fit.add_argument("--seed", type=int, default=0)
@@ -112,12 +113,12 @@ def run(args) -> int:
 
 def build_trainer(args, progress: bool) -> Trainer:
     out = Path(args.out or f"runs/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if (out / CHECKPOINT_FILE).exists():
+    if holds_run(out):
         raise SystemExit(f"{out} already holds a run; pass --resume to continue it, or choose "
                          f"another --out (nothing was overwritten).")
     config = TrainConfig(dataset=args.dataset, data_dir=args.data_dir, binarize=args.binarize,
                          elbo=args.elbo, num_particles=args.num_particles,
-                         epochs=args.epochs or DEFAULT_EPOCHS, batch_size=args.batch_size,
+                         epochs=args.epochs or TRAINING.epochs, batch_size=args.batch_size,
                          lr=args.lr, seed=args.seed, device=args.device,
                          estimator=args.estimator, beta=args.beta, kl_anneal=args.kl_anneal,
                          kl_anneal_start=args.kl_anneal_start, free_bits=args.free_bits,
@@ -148,4 +149,4 @@ def summarize(trainer: Trainer, metrics: list[dict]) -> None:
     log.info(f"done: {last['epoch']} epochs, test ELBO {last['test_elbo']:.3f} nats per "
              f"datapoint (KL {last['kl']:.3f}, recon {last['recon']:.3f}); "
              f"{sum(m['seconds'] for m in metrics):.1f} s of training. "
-             f"Outputs in {trainer.out}: config.json, {CHECKPOINT_FILE}, {METRICS_FILE}.")
+             f"Outputs in {trainer.out}: {CONFIG_FILE}, {CHECKPOINT_FILE}, {METRICS_FILE}.")

@@ -5,8 +5,6 @@ posterior-collapse diagnostics (``docs/diagnostics.md``)."""
 from pyrovae.evaluation.diagnostics import collapse_diagnostics, posterior_draws
 from pyrovae.evaluation.marginal import (
     LogLikelihoodEstimate,
-    evaluate_run,
-    evaluate_test_set,
     iwae_bounds,
     log_likelihood,
     log_weights,
@@ -14,4 +12,4 @@ from pyrovae.evaluation.marginal import (
 )
 
 __all__ = ["LogLikelihoodEstimate", "log_likelihood", "log_weights", "pareto_khat",
-           "iwae_bounds", "evaluate_run", "evaluate_test_set", "collapse_diagnostics", "posterior_draws"]
+           "iwae_bounds", "collapse_diagnostics", "posterior_draws"]

@@ -32,24 +32,20 @@ agree within Monte Carlo noise.
 
 from __future__ import annotations
 
-import logging
 import math
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyro
 import torch
 from pyro import poutine
-from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
-from pyrovae.atomic import atomic_write, atomic_write_json
 from pyrovae.errors import PyrovaeError
-from pyrovae.evaluation.diagnostics import collapse_diagnostics, import_arviz
-
-log = logging.getLogger("pyrovae")
+from pyrovae.evaluation.diagnostics import import_arviz
+from pyrovae.run import EVALUATION_FILE  # noqa: F401  (re-exported for one release)
+from pyrovae.sites import sample_sites
 
 DEFAULT_MAX_ELEMENTS = 2**14
 DEFAULT_DATA_BLOCK = 64
@@ -62,10 +58,6 @@ MIN_SAMPLES_FOR_KHAT = 21
 KHAT_THRESHOLD = 0.7
 # float32 rounding of log p(x, z) - log q(z|x) for an exact guide stays far below this
 CONSTANT_WEIGHTS_TOL = 1e-3
-
-EVALUATION_FILE = "evaluation.json"
-KHAT_FIGURE = "evaluation_khat.png"
-IWAE_FIGURE = "evaluation_iwae_bound.png"
 IWAE_CURVE_KS = (1, 10, 100, 1000, 5000)
 
 
@@ -128,12 +120,10 @@ def log_weights(model, guide, x: torch.Tensor, num_particles: int) -> torch.Tens
     total = x.new_zeros(num_particles, x.shape[0])
     for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
         trace.compute_log_prob()
-        for name, site in trace.nodes.items():
-            if site["type"] != "sample" or site_is_subsample(site):
-                continue
+        for site in sample_sites(trace):
             if not any(frame.dim == -1 for frame in site["cond_indep_stack"]):
                 raise PyrovaeError(
-                    f"sample site {name!r} lies outside the data plate (dim -1), so it is not "
+                    f"sample site {site['name']!r} lies outside the data plate (dim -1), so it is not "
                     f"one value per datapoint and log p(x) does not split over the data; "
                     f"put every latent of the model and guide inside the data plate.")
             total = total + sign * site["log_prob"]
@@ -244,111 +234,3 @@ def iwae_bounds(log_weights: torch.Tensor, ks=IWAE_CURVE_KS) -> dict[int, float]
         groups = log_weights[: total // k * k].reshape(total // k, k, -1)
         bounds[int(k)] = float((torch.logsumexp(groups, 1) - math.log(k)).mean())
     return bounds
-
-
-# ---------------------------------------------------------------- run folders
-
-
-def evaluate_run(run_folder, num_samples: int = 5000, *, max_elements: int = DEFAULT_MAX_ELEMENTS,
-                 num_images: int | None = None, subset_size: int = 100, seed: int = 0,
-                 device: str = "auto", data_dir: str | None = None,
-                 progress: bool = True) -> dict:
-    """Evaluate a run folder's test set: write evaluation.json and two figures; return the summary.
-
-    Reloads the VAE from ``config.json`` and ``checkpoint.pt`` and the data set
-    it was trained on (same binarization: for dynamic binarization, the test set
-    binarized once with the run's seed). ``num_images`` keeps the first test
-    images only. The IWAE-bound curve uses the first ``subset_size`` of them,
-    with max(num_samples, 5000) samples. Figures: ``evaluation_khat.png``
-    (k-hat per datapoint) and ``evaluation_iwae_bound.png``.
-    """
-    from pyrovae.training import load_run, resolve_device
-
-    folder = Path(run_folder)
-    vae, data, _ = load_run(folder, data_dir, resolve_device(device))
-    return evaluate_test_set(folder, vae, data, num_samples, max_elements=max_elements,
-                             num_images=num_images, subset_size=subset_size, seed=seed,
-                             progress=progress)
-
-
-def evaluate_test_set(folder, vae, data, num_samples: int = 5000, *,
-                      max_elements: int = DEFAULT_MAX_ELEMENTS, num_images: int | None = None,
-                      subset_size: int = 100, seed: int = 0, progress: bool = True) -> dict:
-    """``evaluate_run`` for a VAE and data set already in memory (the end of training)."""
-    folder = Path(folder)
-    test = data.test if num_images is None else data.test[:num_images]
-    log.info(f"evaluating {folder}: log p(x) of {len(test)} {data.name} test images "
-             f"with K={num_samples} importance samples on {next(vae.parameters()).device}")
-    estimate = log_likelihood(vae, test, num_samples, max_elements=max_elements, seed=seed,
-                              progress=progress)
-    summary = estimate.summary()
-    summary.update(collapse_diagnostics(vae, test, seed=seed, mi_points=2000))
-    subset = test[:subset_size]
-    curve_samples = max(num_samples, max(IWAE_CURVE_KS))
-    curve = log_likelihood(vae, subset, curve_samples, max_elements=max_elements, seed=seed,
-                           keep_log_weights=True)
-    bounds = iwae_bounds(curve.log_weights)
-    summary.update(
-        dataset=data.name,
-        iwae_bound_subset_size=len(subset),
-        iwae_bound={str(k): v for k, v in bounds.items()},
-        figures=[KHAT_FIGURE, IWAE_FIGURE],
-    )
-    # strict JSON has no NaN or infinity
-    atomic_write_json(folder / EVALUATION_FILE, {
-        key: None if isinstance(value, float) and not math.isfinite(value) else value
-        for key, value in summary.items()})
-    _save_figure(_khat_figure(estimate.khat.numpy(), num_samples), folder / KHAT_FIGURE)
-    _save_figure(_iwae_figure(bounds, len(subset), data.name),
-                 folder / IWAE_FIGURE)
-    log.info(f"NLL {summary['nll']:.3f} +- {summary['nll_se']:.3f} nats (ELBO "
-             f"{summary['elbo']:.3f}), mean ESS {summary['ess_mean']:.1f} of {num_samples}, "
-             f"k-hat > 0.7 for {100 * summary['khat_frac_above_0_7']:.1f}% of images. Wrote "
-             f"{EVALUATION_FILE}, {KHAT_FIGURE}, {IWAE_FIGURE} in {folder}.")
-    return summary
-
-
-def _khat_figure(khat: np.ndarray, num_samples: int):
-    # A Figure without pyplot renders with Agg and leaves the user's backend alone.
-    import xarray as xr
-    from matplotlib import MatplotlibDeprecationWarning
-    from matplotlib.figure import Figure
-
-    az = import_arviz()
-    fig = Figure(figsize=(7, 4), layout="constrained")
-    ax = fig.add_subplot()
-    finite = np.isfinite(khat)
-    if finite.any():
-        # ELPDData rather than a bare array, which plot_khat deprecates
-        khats = az.ELPDData(data=[xr.DataArray(np.where(finite, khat, np.nan), dims=["datapoint"]),
-                                  KHAT_THRESHOLD], index=["pareto_k", "good_k"])
-        with warnings.catch_warnings():
-            # arviz 0.23 calls a matplotlib helper that matplotlib 3.11 deprecates
-            warnings.simplefilter("ignore", MatplotlibDeprecationWarning)
-            az.plot_khat(khats, show_hlines=True, ax=ax)
-        ax.set_title(f"PSIS k-hat per datapoint, K={num_samples}: "
-                     f"{np.mean(khat[finite] > KHAT_THRESHOLD):.1%} above {KHAT_THRESHOLD}")
-    else:
-        ax.set_title(f"no k-hat: K={num_samples} < {MIN_SAMPLES_FOR_KHAT}")
-    ax.set_xlabel("test datapoint")
-    ax.set_ylabel("PSIS k-hat")
-    return fig
-
-
-def _iwae_figure(bounds: dict[int, float], subset_size: int, dataset: str):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    ax = fig.add_subplot()
-    ks = sorted(bounds)
-    ax.plot(ks, [bounds[k] for k in ks], marker="o")
-    ax.set_xscale("log")
-    ax.set_xlabel("K (importance samples)")
-    ax.set_ylabel("IWAE bound (nats per datapoint)")
-    ax.set_title(f"IWAE bound as K grows: {subset_size} {dataset} test images")
-    ax.grid(True, alpha=0.3)
-    return fig
-
-
-def _save_figure(fig, path: Path) -> None:
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))

@@ -1,6 +1,7 @@
 """Distribution families for priors, guides and likelihoods, looked up by name.
 
-Each family is defined once, in ``latent.py`` or ``likelihoods.py``; the
+Each family is defined once, in ``latent.py`` or ``likelihoods.py`` (a prior
+and a guide of the same distribution are made from one description of it); the
 closed-form KLs that torch lacks live in ``kl.py`` and are registered on import.
 """
 
@@ -12,10 +13,11 @@ from torch.distributions import constraints
 
 from pyrovae.errors import SupportMismatchError, UnknownNameError
 from pyrovae.families import kl  # noqa: F401  (registers the closed-form KLs with torch)
-from pyrovae.families.base import Family, FixedOrLearnable, Registry, same_support
+from pyrovae.families.base import Family, Registry, same_support
 from pyrovae.families.latent import (
     GUIDES,
     PRIORS,
+    FixedOrLearnable,
     Guide,
     Prior,
     register_guide,

@@ -1,4 +1,5 @@
-"""The base of every distribution family, and the name registries.
+"""The base of every distribution family, the name registries, and the softplus
+that keeps scales positive.
 
 A family is a small ``nn.Module``: it turns unconstrained numbers (network
 outputs or its own parameters) into constrained distribution parameters and
@@ -12,17 +13,25 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.distributions import biject_to, constraints
+from torch.distributions import constraints
 
-from pyrovae.errors import PyrovaeError, UnknownNameError
+from pyrovae.errors import UnknownNameError
 
 
 class Family(nn.Module):
-    """A distribution family: a name, a support, and how to build its distribution."""
+    """A distribution family: a name, a support, and how to build its distribution.
+
+    Most families only name their ``distribution`` class: ``make_dist(*params)``
+    then calls it with the constrained parameters in its argument order. A family
+    whose distribution needs more (keyword arguments, a fixed parameter of its
+    own) overrides ``make_dist`` instead.
+    """
 
     name: ClassVar[str] = ""
     support: ClassVar[constraints.Constraint] = constraints.real
+    distribution: ClassVar[type | None] = None
 
     def __init__(self):
         super().__init__()
@@ -38,60 +47,27 @@ class Family(nn.Module):
         return any(p.requires_grad for p in self.parameters())
 
     def make_dist(self, *params) -> torch.distributions.Distribution:
-        raise NotImplementedError
+        if self.distribution is None:
+            raise NotImplementedError(
+                f"{type(self).__name__} needs a class attribute `distribution` or its own make_dist.")
+        # the parameters are constrained by construction; validating them costs every SVI step
+        return self.distribution(*params, validate_args=False)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.settings.items())
 
 
-class FixedOrLearnable(Family):
-    """A family whose parameters are scalars or vectors set by the user, fixed or learned.
+def positive(raw: torch.Tensor, floor: float) -> torch.Tensor:
+    # softplus rather than exp: an encoder output of 50 must not overflow to inf
+    return F.softplus(raw) + floor
 
-    Subclasses list ``param_constraints`` (name -> constraint) and ``defaults``.
-    A learned parameter is stored unconstrained, through ``biject_to``, so that
-    gradient steps can never leave its support.
-    """
 
-    param_constraints: ClassVar[dict[str, constraints.Constraint]] = {}
-    defaults: ClassVar[dict[str, float]] = {}
-
-    def __init__(self, size: int, learnable: bool | list[str] = False, **values):
-        super().__init__()
-        unknown = set(values) - set(self.param_constraints)
-        if unknown:
-            raise UnknownNameError(
-                f"{self.name!r} has no parameter {sorted(unknown)}; "
-                f"its parameters are {list(self.param_constraints)}."
-            )
-        if learnable is True:
-            learnable = list(self.param_constraints)
-        learnable = list(learnable or [])
-        self._settings = {**values, "learnable": learnable}
-        self._learned = []
-        for pname, constraint in self.param_constraints.items():
-            value = torch.as_tensor(values.get(pname, self.defaults[pname]), dtype=torch.float32)
-            value = value.expand(size).clone() if value.dim() == 0 else value
-            if not bool(constraint.check(value).all()):
-                raise PyrovaeError(
-                    f"{self.name!r} parameter {pname}={value.tolist()} is outside its "
-                    f"support ({constraint}); pass a value inside it."
-                )
-            if pname in learnable:
-                unconstrained = biject_to(constraint).inv(value)
-                self.register_parameter(pname + "_unconstrained", nn.Parameter(unconstrained))
-                self._learned.append(pname)
-            else:
-                self.register_buffer(pname, value)
-
-    def param_values(self, like: torch.Tensor) -> list[torch.Tensor]:
-        values = []
-        for pname, constraint in self.param_constraints.items():
-            if pname in self._learned:
-                value = biject_to(constraint)(getattr(self, pname + "_unconstrained"))
-            else:
-                value = getattr(self, pname)
-            values.append(value.to(like))  # a no-op when device and dtype already match
-        return values
+def positive_inverse(value: float, floor: float, shape) -> torch.Tensor:
+    """The raw tensor of ``shape`` that ``positive(raw, floor)`` maps to ``value``."""
+    # subtract before rounding to float32: value - floor is the number we mean, and
+    # float32(value) - float32(floor) can miss it by a rounding step
+    excess = torch.full(shape, float(value - floor))
+    return excess + torch.log(-torch.expm1(-excess))
 
 
 class Registry(dict):

@@ -6,14 +6,30 @@ are registered it uses them. Each is KL(q||p) = -H(q) - E_q[log p], where torch
 already knows the entropy H(q) and E_q[log p] needs only moments of q that have
 closed forms. Pairs without a genuine closed form (Student-t || Student-t,
 Normal || Student-t, ...) are left to Monte Carlo on purpose.
+
+The reporting of which KL a run gets lives here too: ``kl_methods`` (per latent
+site of a model, for the run log) and ``kl_table`` (per pair of registered
+families, for docs/objectives.md).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
-from torch.distributions import Exponential, Gamma, LogNormal, Normal, StudentT, register_kl
+from pyro import poutine
+from torch.distributions import (
+    Exponential,
+    Gamma,
+    LogNormal,
+    Normal,
+    StudentT,
+    kl_divergence,
+    register_kl,
+)
+
+from pyrovae.sites import latent_sites
 
 REGISTERED: list[tuple[type, type]] = []  # the (q, p) pairs below, for the docs' KL table
 
@@ -58,3 +74,78 @@ def _kl_lognormal_exponential(q: LogNormal, p: Exponential) -> torch.Tensor:
     """log p(z) = log rate - rate z is linear in z."""
     _, mean_z = _lognormal_moments(q)
     return -q.entropy() - (p.rate.log() - p.rate * mean_z)
+
+
+# ---------------------------------------------------------------- which KL a run gets
+
+
+class KLSite(NamedTuple):
+    site: str
+    guide: str      # class name of the guide's base distribution
+    prior: str
+    analytic: bool  # torch has a closed form, so TraceMeanField_ELBO uses it
+
+
+def kl_methods(model, guide, *args) -> list[KLSite]:
+    """For each latent site, whether ``TraceMeanField_ELBO`` gets an analytic KL.
+
+    This asks ``kl_divergence`` the same question ``TraceMeanField_ELBO`` asks,
+    on one trace of the model and guide. The global RNG is left untouched so
+    that a resumed run samples as a straight one does.
+    """
+    devices = [a.device for a in args if torch.is_tensor(a) and a.is_cuda]
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        guide_trace = poutine.trace(guide).get_trace(*args)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args)
+    sites = []
+    for site in latent_sites(model_trace):
+        q = guide_trace.nodes[site["name"]]["fn"]
+        try:
+            kl_divergence(q, site["fn"])
+            analytic = True
+        except NotImplementedError:
+            analytic = False
+        sites.append(KLSite(site["name"], _base_name(q), _base_name(site["fn"]), analytic))
+    return sites
+
+
+def describe_kl_methods(sites: list[KLSite], objective: str) -> str:
+    """One line for the log: which latent sites get an analytic KL, which Monte Carlo."""
+    if objective != "meanfield":
+        names = ", ".join(repr(s.site) for s in sites)
+        return f"KL: the {objective!r} objective estimates the KL of {names} by Monte Carlo."
+    parts = [
+        f"{s.site!r} ({s.guide} || {s.prior}) analytic" if s.analytic else
+        f"{s.site!r} ({s.guide} || {s.prior}) Monte Carlo, as torch has no closed form"
+        for s in sites
+    ]
+    return "KL: " + "; ".join(parts) + "."
+
+
+def _base_name(fn) -> str:
+    while hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return type(fn).__name__
+
+
+def kl_table() -> str:
+    """A markdown table: for each compatible (guide, prior) pair of the registered
+    families, whether ``TraceMeanField_ELBO`` gets an analytic KL, and whose formula."""
+    # pyrovae.families imports this module, so its registries are read at call time
+    from pyrovae.families import GUIDES, PRIORS, compatible_pairs
+
+    rows = ["| guide | prior | KL in `meanfield` |", "|---|---|---|"]
+    for guide_name, prior_names in compatible_pairs().items():
+        guide = GUIDES[guide_name](1)
+        q = guide(torch.zeros(guide.num_params, 1)).base_dist
+        for prior_name in prior_names:
+            p = PRIORS[prior_name](1)(torch.zeros(1)).base_dist
+            try:
+                kl_divergence(q, p)
+            except NotImplementedError:
+                method = "Monte Carlo (no closed form registered)"
+            else:
+                ours = any(isinstance(q, a) and isinstance(p, b) for a, b in REGISTERED)
+                method = "analytic (pyrovae.families.kl)" if ours else "analytic (torch)"
+            rows.append(f"| {guide_name} | {prior_name} | {method} |")
+    return "\n".join(rows)

@@ -3,20 +3,23 @@
 A prior owns its parameters (fixed buffers or learnable). A guide turns the
 encoder's raw output, shaped ``batch + (num_params, z_dim)``, into constrained
 parameters. Both return distributions with event dim 1.
+
+Each distribution is described once, as a ``LatentDistribution``; its prior and
+guide classes (``NormalPrior``, ``NormalGuide``, ...) are made from that
+description and registered under its name.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import pyro.distributions as dist
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.distributions import constraints
+from torch.distributions import biject_to, constraints
 
-from pyrovae.errors import PyrovaeError
-from pyrovae.families.base import Family, FixedOrLearnable, Registry
+from pyrovae.errors import PyrovaeError, UnknownNameError
+from pyrovae.families.base import Family, Registry, positive, positive_inverse
 
 PRIORS = Registry("prior")
 GUIDES = Registry("guide")
@@ -24,89 +27,131 @@ register_prior = PRIORS.register
 register_guide = GUIDES.register
 
 
+# ---------------------------------------------------------------- the distributions
+
+
+class LatentDistribution(NamedTuple):
+    """What the prior and the guide of one distribution share."""
+
+    name: str
+    distribution: type
+    support: constraints.Constraint
+    param_constraints: dict[str, constraints.Constraint]  # in the distribution's argument order
+    defaults: dict[str, float]  # the prior's parameters when the user sets none
+
+
+LOC_SCALE = {"loc": constraints.real, "scale": constraints.positive}
+STANDARD = {"loc": 0.0, "scale": 1.0}
+
+NORMAL = LatentDistribution("normal", dist.Normal, constraints.real, LOC_SCALE, STANDARD)
+LAPLACE = LatentDistribution("laplace", dist.Laplace, constraints.real, LOC_SCALE, STANDARD)
+STUDENT_T = LatentDistribution("student-t", dist.StudentT, constraints.real,
+                               {"df": constraints.positive, **LOC_SCALE}, {"df": 3.0, **STANDARD})
+# positive latents: loc and scale are those of log z
+LOGNORMAL = LatentDistribution("lognormal", dist.LogNormal, constraints.positive,
+                               LOC_SCALE, STANDARD)
+GAMMA = LatentDistribution("gamma", dist.Gamma, constraints.positive,
+                           {"concentration": constraints.positive, "rate": constraints.positive},
+                           {"concentration": 1.0, "rate": 1.0})
+EXPONENTIAL = LatentDistribution("exponential", dist.Exponential, constraints.positive,
+                                 {"rate": constraints.positive}, {"rate": 1.0})
+
+
+def made_from(latent: LatentDistribution):
+    """Class decorator: give a prior or guide class what ``latent`` knows.
+
+    Only the attributes the class already declares are set: a guide takes the
+    name, distribution and support, not the prior's parameters and defaults.
+    """
+    def decorate(cls):
+        for field, value in latent._asdict().items():
+            if hasattr(cls, field):
+                setattr(cls, field, value)
+        return cls
+    return decorate
+
+
+def _family(base: type, latent: LatentDistribution) -> type:
+    """The subclass of ``base`` for ``latent``, named like NormalPrior (pickles find it by
+    that name in this module)."""
+    class_name = latent.distribution.__name__ + base.__name__
+    doc = f"The {latent.name!r} {base.__name__.lower()}: {latent.distribution.__name__}."
+    return made_from(latent)(type(class_name, (base,), {"__module__": __name__, "__doc__": doc}))
+
+
 # ---------------------------------------------------------------- priors
 
 
-class Prior(FixedOrLearnable):
-    """p(z): ``prior(like)`` builds the distribution on ``like``'s device and dtype."""
+class Prior(Family):
+    """p(z), with parameters that are scalars or vectors set by the user, fixed or learned.
 
-    def forward(self, like: torch.Tensor) -> dist.Distribution:
+    ``prior()`` builds the distribution on the device and dtype of the prior's own
+    parameters and buffers; ``prior(like)`` builds it on ``like``'s device and
+    dtype, and uses nothing else of ``like``. A subclass that overrides
+    ``forward`` should accept both: ``def forward(self, like=None)``.
+
+    Subclasses list ``param_constraints`` (name -> constraint, in the order
+    ``make_dist`` takes them) and ``defaults``. A learned parameter is stored
+    unconstrained, through ``biject_to``, so that gradient steps can never leave
+    its support.
+    """
+
+    param_constraints: ClassVar[dict[str, constraints.Constraint]] = {}
+    defaults: ClassVar[dict[str, float]] = {}
+
+    def __init__(self, size: int, learnable: bool | list[str] = False, **values):
+        super().__init__()
+        unknown = set(values) - set(self.param_constraints)
+        if unknown:
+            raise UnknownNameError(
+                f"{self.name!r} has no parameter {sorted(unknown)}; "
+                f"its parameters are {list(self.param_constraints)}."
+            )
+        if learnable is True:
+            learnable = list(self.param_constraints)
+        learnable = list(learnable or [])
+        self._settings = {**values, "learnable": learnable}
+        self._learned = []
+        for pname, constraint in self.param_constraints.items():
+            value = torch.as_tensor(values.get(pname, self.defaults[pname]), dtype=torch.float32)
+            value = value.expand(size).clone() if value.dim() == 0 else value
+            if not bool(constraint.check(value).all()):
+                raise PyrovaeError(
+                    f"{self.name!r} parameter {pname}={value.tolist()} is outside its "
+                    f"support ({constraint}); pass a value inside it."
+                )
+            if pname in learnable:
+                unconstrained = biject_to(constraint).inv(value)
+                self.register_parameter(pname + "_unconstrained", nn.Parameter(unconstrained))
+                self._learned.append(pname)
+            else:
+                self.register_buffer(pname, value)
+
+    def param_values(self, like: torch.Tensor | None = None) -> list[torch.Tensor]:
+        values = []
+        for pname, constraint in self.param_constraints.items():
+            if pname in self._learned:
+                value = biject_to(constraint)(getattr(self, pname + "_unconstrained"))
+            else:
+                value = getattr(self, pname)
+            values.append(value if like is None else value.to(like))
+        return values
+
+    def forward(self, like: torch.Tensor | None = None) -> dist.Distribution:
         return self.make_dist(*self.param_values(like)).to_event(1)
 
 
-@register_prior
-class NormalPrior(Prior):
-    name = "normal"
-    param_constraints = {"loc": constraints.real, "scale": constraints.positive}
-    defaults = {"loc": 0.0, "scale": 1.0}
+# The priors' base was FixedOrLearnable before it merged into Prior; the old name is
+# kept for one release so that existing imports still work.
+FixedOrLearnable = Prior
 
-    def make_dist(self, loc, scale):
-        return dist.Normal(loc, scale, validate_args=False)
-
-
-@register_prior
-class LaplacePrior(Prior):
-    name = "laplace"
-    param_constraints = {"loc": constraints.real, "scale": constraints.positive}
-    defaults = {"loc": 0.0, "scale": 1.0}
-
-    def make_dist(self, loc, scale):
-        return dist.Laplace(loc, scale, validate_args=False)
-
-
-@register_prior
-class StudentTPrior(Prior):
-    name = "student-t"
-    param_constraints = {
-        "df": constraints.positive,
-        "loc": constraints.real,
-        "scale": constraints.positive,
-    }
-    defaults = {"df": 3.0, "loc": 0.0, "scale": 1.0}
-
-    def make_dist(self, df, loc, scale):
-        return dist.StudentT(df, loc, scale, validate_args=False)
-
-
-@register_prior
-class LogNormalPrior(Prior):
-    name = "lognormal"
-    support = constraints.positive
-    param_constraints = {"loc": constraints.real, "scale": constraints.positive}
-    defaults = {"loc": 0.0, "scale": 1.0}
-
-    def make_dist(self, loc, scale):
-        return dist.LogNormal(loc, scale, validate_args=False)
-
-
-@register_prior
-class GammaPrior(Prior):
-    name = "gamma"
-    support = constraints.positive
-    param_constraints = {"concentration": constraints.positive, "rate": constraints.positive}
-    defaults = {"concentration": 1.0, "rate": 1.0}
-
-    def make_dist(self, concentration, rate):
-        return dist.Gamma(concentration, rate, validate_args=False)
-
-
-@register_prior
-class ExponentialPrior(Prior):
-    name = "exponential"
-    support = constraints.positive
-    param_constraints = {"rate": constraints.positive}
-    defaults = {"rate": 1.0}
-
-    def make_dist(self, rate):
-        return dist.Exponential(rate, validate_args=False)
+NormalPrior, LaplacePrior, StudentTPrior, LogNormalPrior, GammaPrior, ExponentialPrior = (
+    register_prior(_family(Prior, latent))
+    for latent in (NORMAL, LAPLACE, STUDENT_T, LOGNORMAL, GAMMA, EXPONENTIAL)
+)
 
 
 # ---------------------------------------------------------------- guides
-
-
-def positive(raw: torch.Tensor, floor: float) -> torch.Tensor:
-    # softplus rather than exp: an encoder output of 50 must not overflow to inf
-    return F.softplus(raw) + floor
 
 
 class Guide(Family):
@@ -128,42 +173,19 @@ class Guide(Family):
         return self.make_dist(*self.constrain(raw)).to_event(1)
 
 
-@register_guide
-class NormalGuide(Guide):
-    name = "normal"
-
-    def make_dist(self, loc, scale):
-        return dist.Normal(loc, scale, validate_args=False)
+NormalGuide, LaplaceGuide, LogNormalGuide = (
+    register_guide(_family(Guide, latent)) for latent in (NORMAL, LAPLACE, LOGNORMAL)
+)
 
 
 @register_guide
-class LaplaceGuide(Guide):
-    name = "laplace"
-
-    def make_dist(self, loc, scale):
-        return dist.Laplace(loc, scale, validate_args=False)
-
-
-@register_guide
-class LogNormalGuide(Guide):
-    """Positive latents: loc and scale are those of log z."""
-
-    name = "lognormal"
-    support = constraints.positive
-
-    def make_dist(self, loc, scale):
-        return dist.LogNormal(loc, scale, validate_args=False)
-
-
-@register_guide
+@made_from(STUDENT_T)
 class StudentTGuide(Guide):
     """Student-t with degrees of freedom per latent dimension, learned or fixed.
 
     df is kept above ``min_df`` (default 2.1) because the variance, and with it
     the Student-t/Normal KL, is infinite for df <= 2.
     """
-
-    name = "student-t"
 
     def __init__(self, z_dim: int, df: float = 5.0, learn_df: bool = True,
                  min_df: float = 2.1, min_scale: float = 1e-4):
@@ -172,12 +194,10 @@ class StudentTGuide(Guide):
             raise PyrovaeError(f"student-t guide df={df} must exceed min_df={min_df}; raise df.")
         self.min_df = min_df
         self._settings.update(df=df, learn_df=learn_df, min_df=min_df)
-        excess = torch.full((z_dim,), float(df - min_df))
         if learn_df:
-            # inverse softplus, so that min_df + softplus(raw) starts at df
-            self.df_unconstrained = nn.Parameter(excess + torch.log(-torch.expm1(-excess)))
+            self.df_unconstrained = nn.Parameter(positive_inverse(df, min_df, (z_dim,)))
         else:
-            self.register_buffer("df_fixed", excess + min_df)
+            self.register_buffer("df_fixed", torch.full((z_dim,), float(df - min_df)) + min_df)
 
     @property
     def df(self) -> torch.Tensor:
@@ -188,6 +208,3 @@ class StudentTGuide(Guide):
     def constrain(self, raw):
         loc, scale = super().constrain(raw)
         return self.df, loc, scale
-
-    def make_dist(self, df, loc, scale):
-        return dist.StudentT(df, loc, scale, validate_args=False)

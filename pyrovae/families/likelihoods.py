@@ -17,8 +17,7 @@ from torch import nn
 from torch.distributions import constraints
 
 from pyrovae.errors import DataError, PyrovaeError
-from pyrovae.families.base import Family, Registry
-from pyrovae.families.latent import positive
+from pyrovae.families.base import Family, Registry, positive, positive_inverse
 
 LIKELIHOODS = Registry("likelihood")
 register_likelihood = LIKELIHOODS.register
@@ -52,6 +51,14 @@ class Likelihood(Family):
         """Raise DataError if x holds values this likelihood gives no mass."""
 
 
+class LogitsLikelihood(Likelihood):
+    """The decoder outputs logits, which the distribution takes by keyword (its first
+    argument is probs)."""
+
+    def make_dist(self, logits):
+        return self.distribution(logits=logits, validate_args=False)
+
+
 def _bad_count(mask: torch.Tensor) -> str:
     return f"{int(mask.sum())} of {mask.numel()} values"
 
@@ -73,18 +80,20 @@ class BernoulliImage(dist.Independent):
 
 
 @register_likelihood
-class BernoulliLikelihood(Likelihood):
-    """Binary pixels; the decoder outputs logits."""
+class BernoulliLikelihood(LogitsLikelihood):
+    """Binary pixels; the decoder outputs logits.
+
+    ``forward`` wraps the pixels in a ``BernoulliImage``: the same log-likelihood
+    as ``Independent(Bernoulli)``, with one image-sized tensor fewer per step.
+    """
 
     name = "bernoulli"
     support = constraints.boolean
+    distribution = dist.Bernoulli
 
     def forward(self, raw):
         return BernoulliImage(self.make_dist(*self.constrain(raw)), len(self.x_shape),
                               validate_args=False)
-
-    def make_dist(self, logits):
-        return dist.Bernoulli(logits=logits, validate_args=False)
 
     def mean(self, raw):
         return torch.sigmoid(raw.squeeze(-len(self.x_shape) - 1))
@@ -100,14 +109,12 @@ class BernoulliLikelihood(Likelihood):
 
 
 @register_likelihood
-class ContinuousBernoulliLikelihood(Likelihood):
+class ContinuousBernoulliLikelihood(LogitsLikelihood):
     """Grey values in [0, 1] (Loaiza-Ganem & Cunningham 2019); the decoder outputs logits."""
 
     name = "continuous-bernoulli"
     support = constraints.unit_interval
-
-    def make_dist(self, logits):
-        return dist.ContinuousBernoulli(logits=logits, validate_args=False)
+    distribution = dist.ContinuousBernoulli
 
     def check_support(self, x):
         bad = (x < 0) | (x > 1)
@@ -125,6 +132,7 @@ class GaussianFixedLikelihood(Likelihood):
 
     name = "gaussian-fixed"
     support = constraints.real
+    distribution = dist.Normal
 
     def __init__(self, x_shape, scale: float = 1.0):
         super().__init__(x_shape)
@@ -134,7 +142,7 @@ class GaussianFixedLikelihood(Likelihood):
         self.register_buffer("scale", torch.tensor(float(scale)))
 
     def make_dist(self, loc):
-        return dist.Normal(loc, self.scale.to(loc), validate_args=False)
+        return super().make_dist(loc, self.scale.to(loc))
 
     def mean(self, raw):
         return raw.squeeze(-len(self.x_shape) - 1)
@@ -155,6 +163,7 @@ class GaussianLikelihood(Likelihood):
 
     name = "gaussian"
     support = constraints.real
+    distribution = dist.Normal
 
     def __init__(self, x_shape, sigma: str = "per-pixel", min_scale: float = 1e-2,
                  init_scale: float = 1.0):
@@ -167,8 +176,8 @@ class GaussianLikelihood(Likelihood):
         self.min_scale = min_scale
         self._settings = {"sigma": sigma, "min_scale": min_scale, "init_scale": init_scale}
         if sigma == "per-pixel":
-            excess = torch.full(self.x_shape, float(init_scale - min_scale))
-            self.scale_unconstrained = nn.Parameter(excess + torch.log(-torch.expm1(-excess)))
+            self.scale_unconstrained = nn.Parameter(
+                positive_inverse(init_scale, min_scale, self.x_shape))
 
     @property
     def num_params(self) -> int:
@@ -180,9 +189,6 @@ class GaussianLikelihood(Likelihood):
             return loc, positive(raw_scale, self.min_scale)
         (loc,) = super().constrain(raw)
         return loc, positive(self.scale_unconstrained, self.min_scale)
-
-    def make_dist(self, loc, scale):
-        return dist.Normal(loc, scale, validate_args=False)
 
     def mean(self, raw):
         return self.constrain(raw)[0]

@@ -12,7 +12,8 @@ from pyrovae import VAE
 from pyrovae.cli import main
 from pyrovae.errors import PyrovaeError
 from pyrovae.evaluation import iwae_bounds, log_likelihood, log_weights
-from pyrovae.evaluation.marginal import EVALUATION_FILE, IWAE_FIGURE, KHAT_FIGURE
+from pyrovae.plots import IWAE_FIGURE, KHAT_FIGURE
+from pyrovae.run import EVALUATION_FILE
 from pyrovae.training import Trainer, TrainConfig
 
 X_DIM, Z_DIM, SIGMA = 6, 2, 0.5
@@ -39,7 +40,9 @@ class PosteriorEncoder(nn.Module):
     def __init__(self, weight, bias, sigma, widen=1.0):
         super().__init__()
         gram = weight.T @ weight
-        assert torch.allclose(gram, torch.diag(gram.diag()))
+        # exact, not allclose: the columns are orthogonal in float32 by construction
+        # (exactly_orthogonal_columns), whatever order the CPU's matmul sums in
+        assert torch.equal(gram, torch.diag(gram.diag()))
         variance = 1.0 / (1.0 + gram.diag() / sigma**2)
         self.register_buffer("gain", variance[:, None] * weight.T / sigma**2)
         self.register_buffer("bias", bias)
@@ -51,11 +54,22 @@ class PosteriorEncoder(nn.Module):
         return torch.stack([loc, self.raw_scale.expand_as(loc)], dim=-2)
 
 
+def exactly_orthogonal_columns(generator):
+    """An (X_DIM, 2) matrix whose columns are orthogonal exactly in float32: entries +-1/2,
+    the second column's signs those of the first times a random arrangement of three +1
+    and three -1. Every product in its Gram matrix is +-1/4 and every partial sum a
+    multiple of 1/4, so no summation order rounds (a QR factor's Gram matrix is diagonal
+    only to rounding, which differs between CPUs: 6e-8 on one Xeon)."""
+    signs = torch.randint(0, 2, (X_DIM,), generator=generator) * 2.0 - 1.0
+    flips = torch.tensor([1.0, -1.0]).repeat_interleave(X_DIM // 2)
+    flips = flips[torch.randperm(X_DIM, generator=generator)]
+    return torch.stack([signs, signs * flips], dim=-1) / 2
+
+
 def ppca(guide="normal", widen=1.0, guide_kwargs=None):
     """A PPCA VAE with orthogonal decoder columns, data drawn from it, and exact log p(x)."""
     generator = torch.Generator().manual_seed(1)
-    q, _ = torch.linalg.qr(torch.randn(X_DIM, Z_DIM, generator=generator))
-    weight = q * torch.tensor([2.0, 1.0])
+    weight = exactly_orthogonal_columns(generator) * torch.tensor([2.0, 1.0])
     bias = torch.randn(X_DIM, generator=generator)
     vae = VAE((X_DIM,), z_dim=Z_DIM, guide=guide, likelihood="gaussian-fixed",
               likelihood_kwargs={"scale": SIGMA},
@@ -100,7 +114,11 @@ def test_log_weights_sum_to_pyros_vectorized_importance_weights(binary_digits):
     pyros, _, _ = vectorized_importance_weights(vae.model, vae.guide, x, num_samples=7,
                                                 max_plate_nesting=1)
     assert ours.shape == (7, 16)
-    torch.testing.assert_close(ours.sum(-1), pyros)
+    # the same float32 site log-probs (3 sites x 16 datapoints) summed in another order: within
+    # n eps32 of the sum of their sizes, which is at most twice the total (log q is small)
+    n_terms = 3 * x.shape[0]
+    torch.testing.assert_close(ours.sum(-1), pyros, atol=0,
+                               rtol=2 * n_terms * torch.finfo(torch.float32).eps)
 
 
 @pytest.mark.parametrize("guide", ["normal", "laplace"])
@@ -146,13 +164,33 @@ def test_summary_statistics(binary_digits):
     estimate = log_likelihood(vae, binary_digits.test[:40], 200)
     summary = estimate.summary()
     nll = -estimate.log_px
-    assert summary["nll"] == pytest.approx(float(nll.mean()))
-    assert summary["nll_se"] == pytest.approx(float(nll.std()) / math.sqrt(40))
+    # float64 statistics of 40 values: another summation order moves them by ~40 eps64 times
+    # the spread's condition (mean / std ~ 10), far below 1e-9
+    assert summary["nll"] == pytest.approx(float(nll.mean()), rel=1e-9)
+    assert summary["nll_se"] == pytest.approx(float(nll.std()) / math.sqrt(40), rel=1e-9)
     assert summary["khat_frac_above_0_7"] == pytest.approx(float((estimate.khat > 0.7).double().mean()))
     assert ((1 <= estimate.ess) & (estimate.ess <= 200 + 1e-9)).all()
     # the delta-method standard error, from the weights themselves
     w = torch.exp(log_weights_of(vae, binary_digits.test[:40], 200) - estimate.log_px)
-    torch.testing.assert_close(estimate.mc_se, w.std(0) / math.sqrt(200))
+    # float64 both ways; k / ess - 1 >= 0.4 here (unequal weights), so nothing cancels and the
+    # two routes agree to ~|log w| eps64 ~ 1e-14 relative
+    assert (estimate.ess < 0.7 * 200).all()
+    torch.testing.assert_close(estimate.mc_se, w.std(0) / math.sqrt(200), rtol=1e-10, atol=0)
+
+
+def test_ess_is_the_squared_sum_over_the_sum_of_squares_of_the_kept_weights(binary_digits):
+    vae = VAE(binary_digits.x_shape, z_dim=4, hidden=(32,))
+    num_samples = 200
+    estimate = log_likelihood(vae, binary_digits.test[:40], num_samples, keep_log_weights=True)
+    lw = estimate.log_weights
+    assert lw.dtype == torch.float64 and lw.shape == (num_samples, 40)
+    w = torch.exp(lw - lw.max(0).values)  # the largest weight 1: ESS does not see the scale
+    expected = w.sum(0) ** 2 / w.square().sum(0)
+    assert (expected < 0.9 * num_samples).all()  # unequal weights: the formula matters
+    # float64: exp of a log weight of size |lw| is within |lw| eps64, a sum of K positive
+    # terms within K eps64, both doubled by the squares, on either side
+    rtol = 4 * (num_samples + float(lw.abs().max())) * torch.finfo(torch.float64).eps
+    torch.testing.assert_close(estimate.ess, expected, rtol=rtol, atol=0)
 
 
 def log_weights_of(vae, x, num_samples):
