@@ -164,10 +164,13 @@ def test_stl_keeps_the_loss_value(binary_digits):
     vae, x = small_vae(), binary_digits.train[:32]
     stl = make_elbo("trace", estimator="stl")
     assert type(stl) is STL_Trace_ELBO
-    assert seeded_loss(stl, vae, x) == pytest.approx(seeded_loss(make_elbo("trace"), vae, x))
+    # the same draws and float32 operations (q re-scored with detached copies of its
+    # parameters); rel 1e-6, 8 eps32, leaves room for the re-scored sums' order
+    assert seeded_loss(stl, vae, x) == pytest.approx(seeded_loss(make_elbo("trace"), vae, x),
+                                                     rel=1e-6)
     for estimator in ("stl", "dreg"):
         assert seeded_loss(make_elbo("iwae", 3, estimator=estimator), vae, x) == pytest.approx(
-            seeded_loss(make_elbo("iwae", 3), vae, x))
+            seeded_loss(make_elbo("iwae", 3), vae, x), rel=1e-6)
 
 
 def test_stl_gradient_is_unbiased():
@@ -451,7 +454,9 @@ def test_annealed_training_reports_beta_and_the_true_elbo(binary_digits):
     assert [m["beta"] for m in metrics] == pytest.approx([0.0, 0.25, 0.5])
     for m in metrics:  # objective = recon - beta * clamped KL is above the ELBO
         assert m["objective"] > m["train_elbo"]
-        assert m["train_elbo"] == pytest.approx(m["train_recon"] - m["train_kl"])
+        # train_kl is train_recon - train_elbo in float64: subtracting it back is exact to an
+        # ulp or two of train_recon
+        assert m["train_elbo"] == pytest.approx(m["train_recon"] - m["train_kl"], rel=1e-12)
 
 
 @pytest.mark.slow

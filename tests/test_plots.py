@@ -60,18 +60,23 @@ def test_manifold_needs_a_2d_latent(digits):
 LEVELS = torch.tensor([0.05, 0.5, 0.95])
 
 
-@pytest.mark.parametrize("prior, kwargs, exact", [
-    ("normal", {"loc": 1.0, "scale": 2.0}, scipy.stats.norm(1.0, 2.0).ppf(LEVELS.numpy())),
-    ("lognormal", {}, scipy.stats.lognorm(1.0).ppf(LEVELS.numpy())),
-    ("exponential", {"rate": 2.0}, scipy.stats.expon(scale=0.5).ppf(LEVELS.numpy())),
+@pytest.mark.parametrize("prior, kwargs, frozen", [
+    ("normal", {"loc": 1.0, "scale": 2.0}, scipy.stats.norm(1.0, 2.0)),
+    ("lognormal", {}, scipy.stats.lognorm(1.0)),
+    ("exponential", {"rate": 2.0}, scipy.stats.expon(scale=0.5)),
 ])
-def test_prior_quantiles_are_exact_through_icdf(prior, kwargs, exact):
+def test_prior_quantiles_are_exact_through_icdf(prior, kwargs, frozen):
+    exact = frozen.ppf(LEVELS.numpy())
     vae = VAE((4,), z_dim=2, prior=prior, prior_kwargs=kwargs,
               guide="lognormal" if prior != "normal" else "normal", likelihood="gaussian-fixed")
     quantiles, method = prior_quantiles(vae, LEVELS)
     assert method == "exact"
     expected = torch.as_tensor(exact, dtype=torch.float32).unsqueeze(-1).expand(3, 2)
-    torch.testing.assert_close(quantiles, expected)
+    # float32 icdf: rounding its level transform (2u - 1, 1 - u) by up to eps32 moves the
+    # quantile by eps32 / density; its own few operations and the cast add a few ulp of it
+    tol = torch.finfo(torch.float32).eps * (1 / frozen.pdf(exact) + 8 * abs(exact))
+    tol = torch.as_tensor(tol, dtype=torch.float32).unsqueeze(-1).expand(3, 2)
+    assert ((quantiles - expected).abs() <= tol).all(), (quantiles, expected, tol)
 
 
 @pytest.mark.parametrize("prior, kwargs, frozen", [
