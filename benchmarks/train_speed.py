@@ -20,6 +20,12 @@
     per batch) and both are scored on the same once-binarized test set.
 (c) On a CUDA device: images per second of (a) and (b) at batch 128, 1024
     and 4096. Skipped when torch sees no CUDA device.
+(d) The data check's cost (``--check-cost`` runs it alone): what the check of
+    ``VAE.model`` and ``VAE.guide`` costs a step at batch 128 and 1024, with
+    Pyro's validation on (every plain ``SVI`` step and ``FusedSVI``'s first:
+    shape, dtype, device, and every value once for finiteness and the
+    likelihood's support) and off (``FusedSVI``'s later steps: no pass over
+    the values), against the plain SVI step and pyrovae's step.
 
 Contenders alternate within one process (the order rotates every round), so
 that load from other jobs hits them alike; the tables give medians, and each
@@ -27,6 +33,7 @@ ratio in (a) is the median over rounds of the ratio of the two times in a round.
 
     PYROVAE_DATA_DIR=/work/shared/data python benchmarks/train_speed.py --json train_speed.json
     PYROVAE_DATA_DIR=/work/shared/data python benchmarks/train_speed.py --quick
+    PYROVAE_DATA_DIR=/work/shared/data python benchmarks/train_speed.py --check-cost
 """
 
 from __future__ import annotations
@@ -205,6 +212,63 @@ def measure_tax(batches, device, args, x_all) -> list[dict]:
 
 def paired_ratio(times: list[float], reference: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(times, reference))
+
+
+# ---------------------------------------------------------------- (d) the data check
+
+
+def measure_check_cost(batches, device, args, x_all) -> list[dict]:
+    """Milliseconds a step spends in the data check of ``VAE.model`` and ``VAE.guide``,
+    with Pyro's validation on and off, beside the plain SVI step (validation on, as
+    the README's loop runs) and pyrovae's step (validation off after the first)."""
+    rows = []
+    for batch in batches:
+        x = x_all[:batch].to(device)
+        steps = max(2, args.step_budget // batch)
+        vae = VAE((28, 28), z_dim=20, hidden=(400,)).to(device)
+
+        def data_check(validation):
+            def run(x):
+                with pyro.validation_enabled(validation):
+                    vae._last_checked = None  # a fresh batch, as every step gets
+                    vae._check_step_data(x)  # the guide's: reads the values
+                    vae._check_step_data(x)  # the model's: finds the same tensor checked
+            return run
+
+        torch.manual_seed(0)
+        times = time_alternating({
+            "plain pyro SVI": pyro_step("trace", device),
+            "pyrovae": pyro_step("trace", device, FusedSVI, fused_optim=True, fused_kernel=True,
+                                 jit=True),
+            "check, validation on": data_check(True),
+            "check, validation off": data_check(False),
+        }, x, device, args.rounds, steps, args.warmup)
+        on, off = times["check, validation on"], times["check, validation off"]
+        rows.append({
+            "batch": batch,
+            "check_validation_on_ms": 1000 * statistics.median(on),
+            "check_validation_off_ms": 1000 * statistics.median(off),
+            "plain_svi_step_ms": 1000 * statistics.median(times["plain pyro SVI"]),
+            "pyrovae_step_ms": 1000 * statistics.median(times["pyrovae"]),
+            "on_over_plain_svi_step": paired_ratio(on, times["plain pyro SVI"]),
+            "on_over_pyrovae_step": paired_ratio(on, times["pyrovae"]),
+            "off_over_pyrovae_step": paired_ratio(off, times["pyrovae"]),
+            "rounds": len(on), "steps_per_round": steps,
+        })
+    return rows
+
+
+def print_check_cost(rows, title):
+    print(f"\n{title}")
+    print("  (on: shape, dtype, device, finiteness and support, as with Pyro's validation on; "
+          "off: no pass over the values)")
+    print(f"{'batch':>6} {'on ms':>8} {'off ms':>8} {'SVI ms':>8} {'pyrovae ms':>10} "
+          f"{'on/SVI':>7} {'on/pyrovae':>10} {'off/pyrovae':>11}")
+    for r in rows:
+        print(f"{r['batch']:>6} {r['check_validation_on_ms']:8.3f} "
+              f"{r['check_validation_off_ms']:8.3f} {r['plain_svi_step_ms']:8.2f} "
+              f"{r['pyrovae_step_ms']:10.2f} {r['on_over_plain_svi_step']:7.2%} "
+              f"{r['on_over_pyrovae_step']:10.2%} {r['off_over_pyrovae_step']:11.2%}")
 
 
 # ---------------------------------------------------------------- (b) the example pipeline
@@ -416,10 +480,13 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, help="rounds of (a) (default 15; quick 5)")
     parser.add_argument("--epochs", type=int, help="epochs of (b) per contender (default 3; "
                                                    "quick 1)")
+    parser.add_argument("--check-cost", action="store_true",
+                        help="run only (d), the cost of the model's data check per step "
+                             "(about a minute on 2 cores)")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device; use --device cpu.")
-    args.rounds = args.rounds or (5 if args.quick else 15)
+    args.rounds = args.rounds or (5 if args.quick or args.check_cost else 15)
     args.epochs = args.epochs or 1 if args.quick else args.epochs or 3
     args.warmup = 3 if args.quick else 10
     args.step_budget = 1280 if args.quick else 5120  # images per contender per round
@@ -433,6 +500,16 @@ def main(argv=None):
         data = dataclasses.replace(data, train=data.train[:12000])
     torch.manual_seed(0)
     x_all = torch.bernoulli(data.train[:max(TAX_BATCHES)])
+
+    check_cost = measure_check_cost(TAX_BATCHES, device, args, x_all)
+    print_check_cost(check_cost, f"(d) the data check of VAE.model and VAE.guide per step "
+                                 f"({device}, median of {args.rounds} rounds)")
+    if args.check_cost:
+        results = {"environment": env, "rounds": args.rounds, "check_cost": check_cost}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+        return results
 
     tax = measure_tax(TAX_BATCHES, device, args, x_all)
     print_tax(tax, f"(a) one SVI step against a hand-written torch step ({device}, "
@@ -457,7 +534,7 @@ def main(argv=None):
         "tax_ratio_b128": tax_ratio(tax, 128), "tax_ratio_b1024": tax_ratio(tax, 1024),
         "pipeline_speedup": pipeline["speedup_train"],
         "pipeline_speedup_whole_fit": pipeline["speedup_fit"],
-        "tax": tax, "pipeline": pipeline, "gpu": gpu,
+        "tax": tax, "pipeline": pipeline, "gpu": gpu, "check_cost": check_cost,
     }
     print(f"\ntax ratio: {results['tax_ratio_b128']:.3f} at batch 128 (target <= 1.10), "
           f"{results['tax_ratio_b1024']:.3f} at batch 1024 (target <= 1.05); pipeline "

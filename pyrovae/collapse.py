@@ -21,6 +21,7 @@ import torch
 from torch.distributions import Distribution, kl_divergence
 
 from pyrovae.errors import PyrovaeError
+from pyrovae.vae import posterior_mean
 
 ACTIVITY_THRESHOLD = 0.01  # Burda et al. (2016), section 5.2
 KL_METHODS = ("auto", "analytic", "monte-carlo")
@@ -30,10 +31,16 @@ KL_METHODS = ("auto", "analytic", "monte-carlo")
 
 
 def posterior_mean_variance(q: Distribution) -> torch.Tensor:
-    """Cov_x(E_q[z_u]) for each latent dimension u: the variance over the data of q's mean."""
+    """Cov_x(E_q[z_u]) for each latent dimension u: the variance over the data of q's mean
+    (a Monte Carlo mean where q has none in closed form: ``pyrovae.vae.posterior_mean``)."""
+    return _mean_variance(q)[0]
+
+
+def _mean_variance(q: Distribution) -> tuple[torch.Tensor, str]:
     if q.batch_shape[0] < 2:
         raise PyrovaeError("active units need the encoder's means of at least 2 datapoints.")
-    return q.mean.var(dim=0)
+    mean, method = posterior_mean(q)
+    return mean.var(dim=0), method
 
 
 def active_units(q: Distribution, threshold: float = ACTIVITY_THRESHOLD) -> int:
@@ -109,7 +116,7 @@ def collapse_diagnostics(vae, x: torch.Tensor, threshold: float = ACTIVITY_THRES
     """
     with vae.evaluating(seed):
         q = vae.encode(x, batch_size)
-        variance = posterior_mean_variance(q)
+        variance, mean_method = _mean_variance(q)
         prior = vae.prior_distribution()
         if factorizes(q) and factorizes(prior):
             kl, method = kl_per_dim(q, prior, kl_method, kl_samples)
@@ -120,6 +127,7 @@ def collapse_diagnostics(vae, x: torch.Tensor, threshold: float = ACTIVITY_THRES
     return {
         "active_units": int((variance > threshold).sum()),
         "posterior_mean_variance": variance.tolist(),
+        "posterior_mean_method": mean_method,
         "kl_per_dim": kl,
         "kl_per_dim_method": method,
         "mutual_information": mi,

@@ -29,7 +29,8 @@ from pyrovae.errors import DataError
 
 DATA_DIR_ENV = "PYROVAE_DATA_DIR"
 CACHE_DIR_ENV = "PYROVAE_CACHE_DIR"
-BINARIZE_MODES = ("none", "dynamic", "static")
+BINARIZE_MODES = ("none", "dynamic", "static", "threshold")
+THRESHOLD = 0.5  # binarize="threshold": a pixel is 1 where its grey value is above this
 
 DIGITS_NUM_TEST = 297
 FREY_NUM_TEST = 265
@@ -56,6 +57,13 @@ class Dataset:
     train_labels: torch.Tensor | None
     test_labels: torch.Tensor | None
     binarize: str
+
+    def __post_init__(self) -> None:
+        if self.binarize not in BINARIZE_MODES:
+            raise DataError(
+                f"unknown binarize mode {self.binarize!r}: choose one of {', '.join(BINARIZE_MODES)}")
+        if self.binarize == "dynamic":
+            _check_grey(self.train, f"{self.name} training set")
 
     @property
     def x_shape(self) -> tuple[int, ...]:
@@ -120,6 +128,54 @@ class Dataset:
             yield self.test[start : start + batch_size]
 
 
+def _check_grey(images, what: str) -> None:
+    """Dynamic binarization draws each pixel with ``torch.bernoulli(x)``, which needs
+    finite floating-point grey values in [0, 1]: checked when the Dataset is built, so
+    that a bad value is named there and not by torch in the middle of an epoch."""
+    if not isinstance(images, torch.Tensor) or not torch.is_floating_point(images):
+        kind = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
+        raise DataError(
+            f"{what} is {kind}; dynamic binarization needs a floating-point tensor of grey "
+            f"values in [0, 1] (convert it with torch.as_tensor(x, dtype=torch.float32)).")
+    if images.numel() == 0:
+        return
+    # one pass for good data (a NaN makes both NaN, which fails the test); the counts
+    # for the message only when it fails
+    low, high = torch.aminmax(images)
+    if bool((low >= 0) & (high <= 1)):
+        return
+    bad = ~torch.isfinite(images)
+    if bool(bad.any()):
+        raise DataError(
+            f"{what} holds {int(bad.sum())} NaN or infinite values; dynamic binarization "
+            f"draws each pixel with torch.bernoulli(x), which needs grey values in [0, 1]. "
+            f"Remove or impute them, or use binarize='none' (--binarize none).")
+    outside = (images < 0) | (images > 1)
+    if bool(outside.any()):
+        raise DataError(
+            f"{what} holds {int(outside.sum())} values outside [0, 1] (from "
+            f"{float(images.min()):g} to {float(images.max()):g}); dynamic binarization draws "
+            f"each pixel with torch.bernoulli(x), which needs grey values in [0, 1]. Rescale "
+            f"the data to [0, 1] (divide 8-bit images by 255), or use binarize='none' "
+            f"(--binarize none).")
+
+
+def _check_writable(folder: Path, cache_dir: Path, what: str) -> None:
+    """Refuse, before any work, a cache folder that cannot be created or written."""
+    problem = None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        problem = f"{type(error).__name__}: {error.strerror or error}"
+    if problem is None and not os.access(folder, os.W_OK | os.X_OK):
+        problem = "no write permission"
+    if problem is not None:
+        raise DataError(
+            f"the cache folder {cache_dir} cannot be written ({problem}), and {what} must be "
+            f"written into {folder}. Set the environment variable {CACHE_DIR_ENV} to a "
+            f"writable folder (or pass cache_dir=...); the data folder itself is only read.")
+
+
 def _check_batch_size(batch_size: int) -> None:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -180,7 +236,11 @@ def _torchvision_root(dataset_class: type, data_dir: Path | None, cache_dir: Pat
     folder_name = dataset_class.__name__
     archive_names = [filename for filename, _md5 in dataset_class.resources]
     extracted_names = [name.removesuffix(".gz") for name in archive_names]
+    cache_raw_dir = cache_dir / folder_name / "raw"
+    cached = all((cache_raw_dir / name).is_file() for name in extracted_names)
     if data_dir is None:
+        if not cached:
+            _check_writable(cache_raw_dir, cache_dir, f"{folder_name}, downloaded and extracted,")
         return cache_dir, True
 
     raw_dir = data_dir / folder_name / "raw"
@@ -193,9 +253,9 @@ def _torchvision_root(dataset_class: type, data_dir: Path | None, cache_dir: Pat
             f"{folder_name} files not found: {', '.join(map(str, missing))}. Put the torchvision "
             f"files in {raw_dir} and {_DATA_DIR_HINT}"
         )
-    cache_raw_dir = cache_dir / folder_name / "raw"
-    if not all((cache_raw_dir / name).is_file() for name in extracted_names):
-        cache_raw_dir.mkdir(parents=True, exist_ok=True)
+    if not cached:
+        _check_writable(cache_raw_dir, cache_dir,
+                        f"the {folder_name} .gz files, copied and extracted,")
         for name in archive_names:
             shutil.copyfile(raw_dir / name, cache_raw_dir / name)
     return cache_dir, True
@@ -215,6 +275,7 @@ def _binarized_mnist_split(split: str, data_dir: Path | None, cache_dir: Path) -
         return torch.from_numpy(bits).float().reshape(-1, 28, 28)
 
     source = _find_binarized_mnist_file(split, data_dir)
+    _check_writable(cached.parent, cache_dir, f"the parsed binarized-mnist {split} split")
     opener = gzip.open if source.suffix == ".gz" else open
     with opener(source, "rb") as stream:
         pixels = _parse_amat_bits(stream.read(), source)
@@ -302,9 +363,10 @@ def load_dataset(
 
     ``binarize`` is "none" (grey values), "static" (train and test are each
     sampled once with ``torch.bernoulli`` from a generator seeded with
-    ``seed``) or "dynamic" (train is resampled every batch; test is sampled
-    once with ``seed``). binarized-mnist is already binarized, so it is always
-    "static" and rejects "dynamic". ``include_valid`` adds binarized-mnist's
+    ``seed``), "dynamic" (train is resampled every batch; test is sampled
+    once with ``seed``) or "threshold" (deterministic: 1 where the grey value
+    is above ``THRESHOLD``, else 0; ``seed`` plays no part). binarized-mnist is
+    already binarized, so it is always "static" and rejects "dynamic". ``include_valid`` adds binarized-mnist's
     10,000 validation images to its training set.
     """
     if name not in DATASETS:
@@ -337,6 +399,8 @@ def load_dataset(
         test = torch.bernoulli(test, generator=generator)
     elif binarize == "dynamic":
         test = torch.bernoulli(test, generator=torch.Generator().manual_seed(seed))
+    elif binarize == "threshold":
+        train, test = (train > THRESHOLD).float(), (test > THRESHOLD).float()
 
     return Dataset(
         name=name,

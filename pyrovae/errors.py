@@ -21,4 +21,4 @@ class DataError(PyrovaeError):
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss."""
+    """Training produced a NaN or infinite loss, or one that exploded by orders of magnitude."""

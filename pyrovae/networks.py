@@ -11,6 +11,7 @@ The contract a user's own networks must also meet:
 from __future__ import annotations
 
 import math
+import numbers
 
 from torch import nn
 
@@ -24,6 +25,24 @@ ACTIVATIONS = {
 }
 
 
+def check_hidden(hidden) -> tuple[int, ...]:
+    """The hidden layer sizes as a tuple of positive ints; ``()`` means no hidden layer
+    (linear networks). A width of 0 would make the encoder's output constant."""
+    from pyrovae.errors import PyrovaeError
+
+    if isinstance(hidden, (str, bytes)) or not hasattr(hidden, "__iter__"):
+        raise PyrovaeError(
+            f"hidden must be a list of layer sizes such as (400,) (--hidden 400), got {hidden!r}.")
+    sizes = tuple(hidden)
+    bad = [n for n in sizes
+           if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1]
+    if bad:
+        raise PyrovaeError(
+            f"--hidden sizes must be positive integers, got {list(sizes)!r} (hidden={hidden!r}); "
+            f"give each hidden layer at least one unit, or () for none.")
+    return tuple(int(n) for n in sizes)
+
+
 def mlp(sizes: list[int], activation: str) -> nn.Sequential:
     if activation not in ACTIVATIONS:
         from pyrovae.errors import UnknownNameError
@@ -31,6 +50,7 @@ def mlp(sizes: list[int], activation: str) -> nn.Sequential:
         raise UnknownNameError(
             f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}."
         )
+    check_hidden(sizes)
     layers = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(n_in, n_out))

@@ -15,6 +15,7 @@ from pyrovae.collapse import collapse_diagnostics
 from pyrovae.evaluation.marginal import (
     DEFAULT_MAX_ELEMENTS,
     IWAE_CURVE_KS,
+    MIN_SAMPLES_FOR_KHAT,
     iwae_bounds,
     log_likelihood,
 )
@@ -40,6 +41,7 @@ def evaluate_run(run_folder, num_samples: int = 5000, *, max_elements: int = DEF
     """
     folder = Path(run_folder)
     vae, data, _ = load_run(folder, data_dir, run.resolve_device(device))
+    run.check_writable(folder)  # before the evaluation, not after it
     return evaluate_test_set(folder, vae, data, num_samples, max_elements=max_elements,
                              num_images=num_images, subset_size=subset_size, seed=seed,
                              progress=progress)
@@ -73,6 +75,9 @@ def evaluate_test_set(folder, vae, data, num_samples: int = 5000, *,
     save(plot_iwae_bounds(bounds, len(subset), data.name), folder / IWAE_FIGURE)
     log.info(f"NLL {summary['nll']:.3f} +- {summary['nll_se']:.3f} nats (ELBO "
              f"{summary['elbo']:.3f}), mean ESS {summary['ess_mean']:.1f} of {num_samples}, "
-             f"k-hat > 0.7 for {100 * summary['khat_frac_above_0_7']:.1f}% of images. Wrote "
+             + (f"k-hat > 0.7 for {100 * summary['khat_frac_above_0_7']:.1f}% of images. "
+                if num_samples >= MIN_SAMPLES_FOR_KHAT else
+                f"no k-hat: it needs K >= {MIN_SAMPLES_FOR_KHAT} importance samples. ")
+             + "Wrote "
              f"{EVALUATION_FILE}, {KHAT_FIGURE}, {IWAE_FIGURE} in {folder}.")
     return summary

@@ -50,6 +50,8 @@ MANIFOLD_SIZE = 15
 MANIFOLD_QUANTILES = (0.05, 0.95)  # the outer quantiles: the tails decode to little
 QUANTILE_SAMPLES = 100_000
 ENCODE_BATCH = 1000
+GRID_LINE_WIDTH = 1  # pixels of the image, between tiles
+GRID_LINE_COLOUR = (0.55, 0.7, 0.9)  # RGB: light blue, neither white nor black
 
 
 def pixel_size(name: str) -> tuple[int, int]:
@@ -174,10 +176,25 @@ def prior_quantiles(vae, levels: torch.Tensor) -> tuple[torch.Tensor, str]:
 
 
 def _image_figure(name: str, images: torch.Tensor, columns: int, title: str) -> Figure:
-    grid = make_grid(_as_channels(images.cpu()).clamp(0, 1), nrow=columns, padding=1, pad_value=1.0)
+    return _draw_grid(name, image_grid(images, columns), title)
+
+
+def image_grid(images: torch.Tensor, columns: int) -> torch.Tensor:
+    """The (H', W', 3) RGB grid of ``images`` (values clamped to [0, 1]), ``columns`` a row,
+    the tiles separated by lines of ``GRID_LINE_COLOUR``. The lines are coloured, not white
+    or black, so that a white or black pixel at a tile's edge (the stroke of a binary digit)
+    is not taken for the border, nor the border for a stroke."""
+    tiles = _as_channels(images.cpu()).clamp(0, 1)
+    grid = make_grid(tiles, nrow=columns, padding=GRID_LINE_WIDTH, pad_value=-1.0)
+    border = grid[0] < 0  # no pixel is below 0 after the clamp
+    colour = torch.tensor(GRID_LINE_COLOUR, dtype=grid.dtype).reshape(3, 1, 1)
+    return torch.where(border, colour, grid).permute(1, 2, 0)
+
+
+def _draw_grid(name: str, grid: torch.Tensor, title: str) -> Figure:
     fig = _figure(name)
     ax = fig.add_axes((0.02, 0.02, 0.96, 0.9))
-    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.imshow(grid.numpy(), interpolation="nearest")
     ax.set_axis_off()
     fig.suptitle(title, fontsize=10)
     return fig

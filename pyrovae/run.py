@@ -17,12 +17,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from pyrovae.atomic import atomic_torch_save, atomic_write_json
+from pyrovae.data import STATICALLY_BINARIZED
 from pyrovae.errors import PyrovaeError
 
 CONFIG_FILE = "config.json"
@@ -66,6 +70,9 @@ class ModelConfig:
         return cls(**values)
 
 
+DIGITS_BATCH_SIZE = 32
+
+
 @dataclass
 class TrainConfig:
     """How a VAE is trained; saved as the ``"training"`` part of config.json."""
@@ -101,10 +108,67 @@ class TrainConfig:
         progress = min(1.0, (epoch - 1) / self.kl_anneal)
         return self.kl_anneal_start + (self.beta - self.kl_anneal_start) * progress
 
+    def validate(self) -> "TrainConfig":
+        """Refuse a setting out of its range, before any data is loaded or step taken.
+
+        The one place where the training values are checked (the CLI calls it
+        before loading the data, the Trainer when it is built); the messages use
+        the flags of ``pyrovae train``. Returns the config, checked.
+        """
+        for flag, key in (("--epochs", "epochs"), ("--batch-size", "batch_size"),
+                          ("--num-particles", "num_particles"),
+                          ("--aggressive-patience", "aggressive_patience")):
+            _check_int(flag, getattr(self, key), minimum=1)
+        _check_int("--kl-anneal", self.kl_anneal, minimum=0)
+        _check_int("--seed", self.seed, minimum=0, maximum=2**32 - 1)  # numpy's seed range
+        _check_real("--lr", self.lr, positive=True)
+        for flag, key in (("--beta", "beta"), ("--kl-anneal-start", "kl_anneal_start"),
+                          ("--free-bits", "free_bits")):
+            _check_real(flag, getattr(self, key), positive=False)
+        if self.binarize == "dynamic" and self.dataset in STATICALLY_BINARIZED:
+            raise PyrovaeError(
+                f"--binarize dynamic cannot apply to {self.dataset}: it is a fixed binarization "
+                f"of MNIST, with no grey values to resample. Leave --binarize out (or use "
+                f"--binarize static) with it, or use --dataset mnist --binarize dynamic.")
+        return self
+
     def resolved_binarize(self, likelihood: str) -> str:
+        """``binarize`` as given, else the default: for a data set that is already
+        binary (binarized-mnist), "static", the binarization it has; for the 8x8
+        digits with a bernoulli likelihood, "threshold", as Bernoulli samples of
+        so few pixels are noise (docs/getting-started.md); else "dynamic" for a
+        bernoulli likelihood and "none" for the others."""
         if self.binarize is not None:
             return self.binarize
+        if self.dataset in STATICALLY_BINARIZED:
+            return "static"
+        if self.dataset == "digits" and likelihood == "bernoulli":
+            return "threshold"
         return "dynamic" if likelihood == "bernoulli" else "none"
+
+    @staticmethod
+    def default_batch_size(dataset: str) -> int:
+        """128, or 32 for the 1,500 digits, which would get only 12 steps an epoch."""
+        return DIGITS_BATCH_SIZE if dataset == "digits" else TrainConfig.batch_size
+
+
+def _check_int(flag: str, value, minimum: int, maximum: int | None = None) -> None:
+    """An integer (not a bool, not a float such as 2.5) in [minimum, maximum]."""
+    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not whole or value < minimum or (maximum is not None and value > maximum):
+        what = {0: "a non-negative integer", 1: "a positive integer"}.get(
+            minimum, f"an integer of at least {minimum}")
+        if maximum is not None:
+            what += " below 2**32" if maximum == 2**32 - 1 else f" up to {maximum}"
+        raise PyrovaeError(f"{flag} must be {what}, got {value!r}.")
+
+
+def _check_real(flag: str, value, positive: bool) -> None:
+    """A finite number (not a bool, not a string), above 0 or at least 0."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not real or not math.isfinite(value) or value < 0 or (positive and value == 0):
+        what = "a positive finite number" if positive else "a finite number of at least 0"
+        raise PyrovaeError(f"{flag} must be {what}, got {value!r}.")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -122,8 +186,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def read_json(path: Path):
-    with open(path) as f:
-        return json.load(f)
+    """A JSON file of a run folder; a damaged one is named, with what to do."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PyrovaeError(
+            f"{path} is not valid JSON ({error}): the file is damaged or was edited by hand. "
+            f"Restore it from a copy, or train the run again into a new --out.") from None
 
 
 def read_config(folder) -> dict:
@@ -136,7 +206,16 @@ def read_config(folder) -> dict:
 
 
 def read_train_config(folder) -> TrainConfig:
-    return TrainConfig(**read_config(folder)["training"])
+    config = read_config(folder)
+    path = Path(folder) / CONFIG_FILE
+    if not isinstance(config, dict) or not isinstance(config.get("training"), dict):
+        raise PyrovaeError(f"{path} has no \"training\" section: it holds a VAE saved with "
+                           f"VAE.save, not a training run; load it with VAE.load.")
+    try:
+        return TrainConfig(**config["training"])
+    except TypeError as error:
+        raise PyrovaeError(f"{path}: its \"training\" section does not fit this version of "
+                           f"pyrovae ({error}); train the run again into a new --out.") from None
 
 
 def write_config(folder, model: dict, training: TrainConfig | None = None) -> None:
@@ -151,8 +230,29 @@ def write_config(folder, model: dict, training: TrainConfig | None = None) -> No
 
 
 def read_checkpoint(folder, map_location="cpu") -> dict:
-    return torch.load(Path(folder) / CHECKPOINT_FILE, map_location=map_location,
-                      weights_only=True)
+    """checkpoint.pt; a missing, truncated or foreign file is named, with what to do.
+
+    Only tensors and plain containers are read (``weights_only=True``): a
+    checkpoint is data, and loading it must never run code.
+    """
+    path = Path(folder) / CHECKPOINT_FILE
+    if not path.is_file():
+        raise PyrovaeError(f"{folder} holds no {CHECKPOINT_FILE}: pass the folder of a run "
+                           f"written by pyrovae train (or by VAE.save).")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # noqa: BLE001  (torch raises many kinds for a bad file)
+        raise PyrovaeError(
+            # torch's own text is left out: for a damaged file it suggests loading with
+            # weights_only=False, which would run whatever code the file holds
+            f"{path} cannot be read as a pyrovae checkpoint ({type(error).__name__}): it is "
+            f"truncated or damaged. Restore it from a copy, or train the run again into a new "
+            f"--out."
+        ) from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise PyrovaeError(f"{path} is not a pyrovae checkpoint (it has no \"model\" entry); "
+                           f"pass the folder of a run written by pyrovae train.")
+    return state
 
 
 def write_checkpoint(folder, state: dict) -> None:
@@ -179,3 +279,59 @@ def write_evaluation(folder, summary: dict) -> None:
 
 def holds_run(folder) -> bool:
     return (Path(folder) / CHECKPOINT_FILE).exists()
+
+
+def check_writable(folder, create: bool = False) -> None:
+    """Refuse, before any work, a folder that is a file or cannot be written.
+
+    Tried by writing a file, not by ``os.access``, which says yes to root on a
+    read-only file system.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise PyrovaeError(f"{folder} is a file, not a folder; choose another --out.")
+    try:
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".pyrovae-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise PyrovaeError(
+            f"cannot write into {folder} ({error.strerror or error}); choose a folder you can "
+            f"write with --out, or make this one writable.") from None
+
+
+def claim_folder(folder, overwrite: bool = False) -> None:
+    """Make ``folder`` the home of a new run: created if missing, refused if it holds
+    anything, so that no file of the user's or of an earlier run is replaced or left
+    beside the new one. ``overwrite`` clears an earlier pyrovae run first; a folder
+    with other files is never cleared."""
+    folder = Path(folder)
+    if folder.is_dir() and any(folder.iterdir()):
+        if not overwrite:
+            what = ("a run" if holds_run(folder) or (folder / CONFIG_FILE).is_file()
+                    else "files")
+            raise PyrovaeError(
+                f"{folder} already holds {what}; nothing was overwritten. Pass --resume to "
+                f"continue a run, --overwrite to replace an earlier run, or choose another "
+                f"--out.")
+        if not is_run_folder(folder):
+            raise PyrovaeError(
+                f"{folder} holds files that pyrovae did not write, so --overwrite leaves it "
+                f"alone; choose another --out.")
+        shutil.rmtree(folder)
+    check_writable(folder, create=True)
+
+
+def is_run_folder(folder) -> bool:
+    """Whether every file in ``folder`` is one a pyrovae run writes."""
+    from_figures = {".png"}
+    own = {CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE, EVALUATION_FILE}
+    for path in Path(folder).iterdir():
+        if path.is_dir() or (path.name not in own and path.suffix not in from_figures):
+            return False
+    try:
+        return "training" in read_config(folder)
+    except PyrovaeError:
+        return False

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from pyrovae import run
 from pyrovae.collapse import collapse_diagnostics
 from pyrovae.data import Dataset
-from pyrovae.errors import NonFiniteLossError
+from pyrovae.errors import NonFiniteLossError, PyrovaeError
 from pyrovae.families.kl import describe_kl_methods, kl_methods
 from pyrovae.objectives import make_elbo, why_not_compiled
 from pyrovae.run import METRICS_FILE, TrainConfig, resolve_device  # noqa: F401
@@ -31,13 +31,25 @@ from pyrovae.vae import VAE, load_run
 
 log = logging.getLogger("pyrovae")
 
-DIAGNOSTIC_KEYS = ("active_units", "kl_per_dim", "mutual_information", "mutual_information_se")
+DIAGNOSTIC_KEYS = ("active_units", "kl_per_dim", "mutual_information", "mutual_information_se",
+                   "posterior_mean_method")
 
 # Aggressive inference-network training (He et al. 2019): at most this many guide
 # steps before each model step, stopping early when the guide loss summed over a
 # window of this many steps stops decreasing.
 AGGRESSIVE_MAX_STEPS = 50
 AGGRESSIVE_WINDOW = 10
+
+# A loss per datapoint this many times the first step's (or DIVERGENCE_FLOOR nats,
+# whichever is larger) has diverged: no VAE in training moves its loss by four
+# orders of magnitude, while --lr 1e6 takes it to 1e32 without a NaN.
+DIVERGENCE_FACTOR = 1e4
+DIVERGENCE_FLOOR = 10.0
+
+# Training settings that a resumed run may change; the others define the model,
+# its data or its randomness, and a change would make another run.
+RESUMABLE = ("epochs", "lr", "batch_size", "beta", "kl_anneal", "kl_anneal_start",
+             "free_bits", "device", "jit", "data_dir")
 
 
 # ---------------------------------------------------------------- per-epoch callbacks
@@ -172,6 +184,11 @@ class _Interrupted(Exception):
         self.step = step
 
 
+class _Diverged(Exception):
+    def __init__(self, step: int, what: str):
+        self.step, self.what = step, what
+
+
 class Trainer:
     """Trains a VAE with ``pyro.infer.SVI`` and writes a run folder.
 
@@ -182,9 +199,15 @@ class Trainer:
     """
 
     def __init__(self, vae: VAE, data: Dataset, config: TrainConfig, out=None,
-                 progress: bool = True, callbacks: list[Callback] | None = None):
+                 progress: bool = True, callbacks: list[Callback] | None = None,
+                 overwrite: bool = False, _resuming: bool = False):
+        config.validate()
         self.config = config
         self.device = resolve_device(config.device)
+        if out is not None and not _resuming:
+            # before any work: a folder that cannot be written, or one holding another
+            # run's or the user's files, is refused now, not after an epoch
+            run.claim_folder(out, overwrite)
         self.vae = vae.to(self.device)
         self.data = data.to(self.device)
         self.out = Path(out) if out is not None else None
@@ -196,6 +219,8 @@ class Trainer:
         self.optim = FusedOptim(torch.optim.Adam, {"lr": config.lr, "fused": True})
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.epoch = 0
+        self.saved_epoch: int | None = None  # the epoch of the checkpoint on disk
+        self.first_loss: float | None = None  # per datapoint, the scale of divergence
         self.metrics: list[dict] = []
         self.aggressive = AggressiveStep(self) if config.aggressive else None
         self._check_data()
@@ -223,6 +248,13 @@ class Trainer:
         self.vae.check_data(self.data.test, "test set")
 
     def _save(self, interrupted_at_step: int | None = None):
+        """The checkpoint, config and metrics; the RNG state saved is the current one."""
+        if self.out is None:
+            return
+        self._save_checkpoint(interrupted_at_step)
+        run.write_metrics(self.out, self.metrics)
+
+    def _save_checkpoint(self, interrupted_at_step: int | None = None):
         if self.out is None:
             return
         run.write_config(self.out, self.vae.config, self.config)
@@ -239,21 +271,37 @@ class Trainer:
             "aggressive": {"on": aggressive is not None,
                            "mutual_info": aggressive.mutual_info if aggressive else []},
         })
-        run.write_metrics(self.out, self.metrics)
+        self.saved_epoch = self.epoch
 
     @classmethod
     def resume(cls, folder, epochs: int | None = None, progress: bool = True,
-               device: str | None = None, jit: bool | None = None) -> "Trainer":
-        """Rebuild a run from its folder and continue to ``epochs`` in total."""
-        vae, data, config = load_run(folder)
-        if epochs is not None:
-            config.epochs = epochs
-        if device is not None:
-            config.device = device
-        if jit is not None:
-            config.jit = jit
-        trainer = cls(vae.train(), data, config, out=folder, progress=progress)
+               device: str | None = None, jit: bool | None = None, **changes) -> "Trainer":
+        """Rebuild a run from its folder and continue to ``epochs`` in total.
+
+        ``changes`` sets other training settings anew (``lr``, ``batch_size``,
+        ``beta``, ...: ``RESUMABLE``); each change is logged. A setting that
+        defines the model, its data or its randomness cannot change: that is a
+        new run, and asking for it is an error.
+        """
+        vae, data, config = load_run(folder, changes.get("data_dir"))
+        changes.update({key: value for key, value in
+                        (("epochs", epochs), ("device", device), ("jit", jit)) if value is not None})
+        fixed = sorted(key for key, value in changes.items()
+                       if key not in RESUMABLE and getattr(config, key, object()) != value)
+        if fixed:
+            raise PyrovaeError(
+                f"{', '.join('--' + key.replace('_', '-') for key in fixed)} cannot change when "
+                f"a run resumes: they define its model, data or randomness. Start a new run "
+                f"with another --out instead (or drop the flags to resume as saved).")
+        checkpoint = run.read_checkpoint(folder)
+        for key, value in changes.items():
+            if getattr(config, key) != value:
+                log.info(f"{key} {getattr(config, key)} → {value} from epoch "
+                         f"{checkpoint['epoch'] + 1}")
+                setattr(config, key, value)
+        trainer = cls(vae.train(), data, config, out=folder, progress=progress, _resuming=True)
         checkpoint = run.read_checkpoint(folder, map_location=trainer.device)
+        trainer.saved_epoch = checkpoint["epoch"]
         trainer.optim.set_state(checkpoint["optimizer"])
         trainer.epoch = checkpoint["epoch"]
         if "aggressive" in checkpoint:
@@ -295,21 +343,36 @@ class Trainer:
             try:
                 train = self._train_epoch(aggressive or plain, epoch)
             except _Interrupted as interrupt:
-                self._save(interrupted_at_step=interrupt.step)
-                self.interrupted = True
-                log.info(f"interrupted in epoch {epoch} at step {interrupt.step}; checkpoint "
-                         f"saved" + (f" in {self.out}" if self.out else "") + ".")
-                return self.metrics
+                return self._interrupted(epoch, interrupt.step)
+            except _Diverged as diverged:
+                raise NonFiniteLossError(
+                    f"{diverged.what} in epoch {epoch} at step {diverged.step}. "
+                    f"{self._kept_checkpoint()} Try a smaller "
+                    f"--lr, check the data for extreme values, or a likelihood with a variance "
+                    f"floor (gaussian keeps sigma above min_scale).") from None
             self.epoch = epoch
             metrics = {"epoch": epoch, "train_elbo": train["elbo"], "train_kl": train["kl"],
                        "train_recon": train["recon"], "objective": train["objective"]}
             if self.config.kl_weighted:
                 metrics["beta"] = beta
-            for callback in self.callbacks:
-                callback.on_epoch_end(self, metrics)
+            # the epoch's steps are saved before any extra runs: an extra that fails or
+            # is interrupted cannot lose them
+            self._save_checkpoint()
+            try:
+                for callback in self.callbacks:
+                    self._run_callback(callback, metrics)
+            except KeyboardInterrupt:
+                self.metrics.append(metrics)
+                if self.out is not None:
+                    run.write_metrics(self.out, self.metrics)
+                self.interrupted = True
+                log.info(f"interrupted after the steps of epoch {epoch}; its checkpoint is "
+                         f"saved" + (f" in {self.out}" if self.out else "") + ".")
+                return self.metrics
             if aggressive:
                 metrics["aggressive"] = True
-                if not aggressive.keeps_on(epoch, metrics["mutual_information"]):
+                if "mutual_information" in metrics and \
+                        not aggressive.keeps_on(epoch, metrics["mutual_information"]):
                     self.aggressive = None
             metrics["seconds"] = time.perf_counter() - started
             self.metrics.append(metrics)
@@ -317,6 +380,43 @@ class Trainer:
             log.info(f"epoch {epoch}/{self.config.epochs}  train ELBO {train['elbo']:.3f}"
                      + _extras(metrics) + "  (nats per datapoint)")
         return self.metrics
+
+    def _run_callback(self, callback: Callback, metrics: dict) -> None:
+        """A failing extra is logged with its reason and named in the metrics; the run
+        goes on, as the epoch it reports on is saved already."""
+        try:
+            callback.on_epoch_end(self, metrics)
+        except Exception as error:  # noqa: BLE001  (an extra must not end the run)
+            name = type(callback).__name__
+            log.warning(f"{name} failed after epoch {metrics['epoch']} and is skipped for it: "
+                        f"{type(error).__name__}: {error}")
+            metrics.setdefault("failed_extras", {})[name] = f"{type(error).__name__}: {error}"
+
+    def _interrupted(self, epoch: int, step: int) -> list[dict]:
+        self._save(interrupted_at_step=step)
+        self.interrupted = True
+        log.info(f"interrupted in epoch {epoch} at step {step}; checkpoint saved"
+                 + (f" in {self.out}" if self.out else "") + ".")
+        return self.metrics
+
+    def _kept_checkpoint(self) -> str:
+        if self.out is None:
+            return "No checkpoint is written for a run without a folder."
+        if self.saved_epoch is None:
+            return f"No checkpoint was written in {self.out}: the run had no good epoch yet."
+        return f"The last good checkpoint (epoch {self.saved_epoch}) is kept in {self.out}."
+
+    def _check_loss(self, loss: float, n: int, index: int) -> None:
+        if not math.isfinite(loss):
+            raise _Diverged(index, f"the loss became {loss}")
+        per_datapoint = loss / n
+        if self.first_loss is None:
+            self.first_loss = per_datapoint
+        limit = DIVERGENCE_FACTOR * max(abs(self.first_loss), DIVERGENCE_FLOOR)
+        if abs(per_datapoint) > limit:
+            raise _Diverged(index, f"the loss diverged to {per_datapoint:.4g} nats per datapoint, "
+                                   f"more than {DIVERGENCE_FACTOR:.0e} times its first "
+                                   f"{self.first_loss:.4g}")
 
     def _train_epoch(self, step, epoch: int) -> dict:
         self.vae.train()
@@ -330,12 +430,7 @@ class Trainer:
         try:
             for index, x in enumerate(bar, start=1):
                 loss = step(x)
-                if not math.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"the loss became {loss} in epoch {epoch} at step {index}. The last "
-                        f"good checkpoint (epoch {self.epoch}) is kept. Try a smaller --lr, "
-                        f"check the data for extreme values, or a likelihood with a variance "
-                        f"floor (gaussian keeps sigma above min_scale).")
+                self._check_loss(loss, x.shape[0], index)
                 total_loss += loss
                 n_seen += x.shape[0]
         except KeyboardInterrupt:

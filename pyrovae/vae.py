@@ -9,10 +9,12 @@ training config.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from pathlib import Path
 
 import pyro
 import torch
+from pyro.infer.util import is_validation_enabled
 from torch import nn
 
 from pyrovae import run
@@ -27,7 +29,8 @@ from pyrovae.families import (
     make_likelihood,
     make_prior,
 )
-from pyrovae.networks import MLPDecoder, MLPEncoder
+from pyrovae.families.base import check_positive_int
+from pyrovae.networks import MLPDecoder, MLPEncoder, check_hidden
 from pyrovae.run import CHECKPOINT_FILE, CONFIG_FILE, ModelConfig, TrainConfig  # noqa: F401
 
 _DEFAULTS = ModelConfig()
@@ -47,8 +50,13 @@ class VAE(nn.Module):
                  encoder: nn.Module | None = None, decoder: nn.Module | None = None,
                  prior_kwargs=None, guide_kwargs=None, likelihood_kwargs=None):
         super().__init__()
-        self.x_shape = tuple(int(n) for n in x_shape)
-        self.z_dim = int(z_dim)
+        if isinstance(x_shape, (str, bytes)) or not hasattr(x_shape, "__iter__"):
+            raise PyrovaeError(f"x_shape must be a tuple of image sizes such as (28, 28), "
+                               f"got {x_shape!r}.")
+        self.x_shape = tuple(check_positive_int(n, f"each size of x_shape {tuple(x_shape)}")
+                             for n in x_shape)
+        self.z_dim = check_positive_int(z_dim, "--z-dim (z_dim)")
+        hidden = check_hidden(hidden)
         self.prior = make_prior(prior, self.z_dim, **(prior_kwargs or {}))
         self.guide_family = make_guide(guide, self.z_dim, **(guide_kwargs or {}))
         self.likelihood = make_likelihood(likelihood, self.x_shape, **(likelihood_kwargs or {}))
@@ -73,7 +81,7 @@ class VAE(nn.Module):
 
     # ------------------------------------------------------------ Pyro
     def model(self, x: torch.Tensor) -> None:
-        self._check_shape(x)
+        self._check_step_data(x)
         for name, module in self._model_modules:
             pyro.module(name, module)
         with data_plate(x):
@@ -81,7 +89,7 @@ class VAE(nn.Module):
             pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
 
     def guide(self, x: torch.Tensor) -> None:
-        self._check_shape(x)
+        self._check_step_data(x)
         for name, module in self._guide_modules:
             pyro.module(name, module)
         with data_plate(x):
@@ -114,6 +122,7 @@ class VAE(nn.Module):
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """The mean of p(x|z) at z = the mean of q(z|x) (the median for heavy tails)."""
+        self._check_batch(x)
         return self.decode_mean(posterior_centre(self.encode(x)))
 
     def sample(self, n: int) -> torch.Tensor:
@@ -145,10 +154,61 @@ class VAE(nn.Module):
             self.train(was_training)
 
     def check_data(self, x: torch.Tensor, what: str = "data") -> None:
-        """Check shape, finiteness and support once, before any SVI step."""
+        """Check type, shape, dtype, finiteness and support, before any SVI step.
+
+        ``x`` may be on another device than the VAE (a data set that is moved batch
+        by batch). ``model`` and ``guide`` run the same checks, and that the data
+        are on the VAE's device: the cheap ones (type, shape, dtype, device, an
+        empty batch) on every call, and the ones that read every
+        value (finiteness, the likelihood's support) while Pyro's validation is
+        enabled (the default; ``FusedSVI`` turns it off after a run's first step).
+        """
+        self._check_batch(x, what, same_device=False)
+        self._check_values(x, what)
+
+    def _check_step_data(self, x) -> None:
+        """The check of ``model`` and ``guide``: the values only under Pyro's validation,
+        and only once for a tensor the guide already checked and nobody changed since."""
+        self._check_batch(x)
+        if not is_validation_enabled():
+            return
+        checked = getattr(self, "_last_checked", None)
+        if checked is not None and checked[0]() is x and checked[1] == x._version:
+            return
+        self._check_values(x, "data")
+        self._last_checked = (weakref.ref(x), x._version)
+
+    def _check_batch(self, x, what="data", same_device=True) -> None:
+        """What costs no pass over the values: type, shape, emptiness, dtype, device."""
+        if not isinstance(x, torch.Tensor):
+            raise DataError(
+                f"{what} is a {type(x).__module__}.{type(x).__name__}, not a torch.Tensor; "
+                f"convert it with torch.as_tensor(x, dtype=torch.float32).")
         self._check_shape(x, what)
+        if x.shape[0] == 0:
+            raise DataError(
+                f"{what} holds no datapoints (shape {tuple(x.shape)}); pass a batch with at "
+                f"least one.")
         if not torch.is_floating_point(x):
             raise DataError(f"{what} has dtype {x.dtype}; convert it with .float().")
+        param = next(self.parameters(), None)
+        if param is not None and x.dtype != param.dtype:
+            raise DataError(
+                f"{what} has dtype {x.dtype}, but the VAE's parameters are {param.dtype}; "
+                f"convert the data with x.to({param.dtype}) (or the VAE with "
+                f"vae.to({x.dtype})).")
+        if same_device and param is not None and x.device != param.device:
+            raise DataError(
+                f"{what} is on {x.device}, but the VAE is on {param.device}; move the data "
+                f"with x.to(vae.device) (or the VAE with vae.to({str(x.device)!r})).")
+
+    def _check_values(self, x, what="data") -> None:
+        """What reads every value: finiteness and the likelihood's support."""
+        # aminmax is one vectorized pass (a NaN or inf shows in the min or max); the
+        # elementwise count, some thirty times slower on CPU, only for the message
+        if bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):
+            self.likelihood.check_support(x)
+            return
         bad = ~torch.isfinite(x)
         if bool(bad.any()):
             raise DataError(
@@ -196,8 +256,20 @@ class VAE(nn.Module):
     def load(cls, folder, map_location="cpu", **overrides) -> "VAE":
         """Rebuild a saved or trained VAE for evaluation. Custom parts not found in
         the registries are passed again as keyword arguments (``encoder=...``)."""
-        vae = cls.from_config(run.read_config(folder)["model"], **overrides)
-        vae.load_state_dict(run.read_checkpoint(folder, map_location)["model"])
+        config = run.read_config(folder)
+        if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+            raise PyrovaeError(f"{Path(folder) / run.CONFIG_FILE} has no \"model\" section; "
+                               f"pass the folder of a run or of VAE.save.")
+        vae = cls.from_config(config["model"], **overrides)
+        state = run.read_checkpoint(folder, map_location)["model"]
+        try:
+            vae.load_state_dict(state)
+        except RuntimeError as error:  # the weights do not fit the VAE that config.json builds
+            detail = "; ".join(line.strip() for line in str(error).splitlines()[1:4])
+            raise PyrovaeError(
+                f"the weights in {Path(folder) / run.CHECKPOINT_FILE} do not fit the VAE that "
+                f"{run.CONFIG_FILE} describes ({detail}). config.json was changed after "
+                f"training, or belongs to another run: restore it, or train again.") from None
         return vae.eval()
 
 
@@ -229,7 +301,20 @@ def posterior_centre(q):
     """A point summary of q(z|x): its mean, or its median for a log-normal guide."""
     if isinstance(getattr(q, "base_dist", q), torch.distributions.LogNormal):
         return q.base_dist.loc.exp()  # the median: the mean exp(mu + s^2/2) is dominated by s
-    return q.mean
+    return posterior_mean(q)[0]
+
+
+MOMENT_SAMPLES = 256
+
+
+def posterior_mean(q) -> tuple[torch.Tensor, str]:
+    """q's mean, and how it was found: in closed form where the distribution has one,
+    else (a transformed distribution, say, which any guide the docs allow may be)
+    the average of ``MOMENT_SAMPLES`` draws."""
+    try:
+        return q.mean, "closed form"
+    except NotImplementedError:
+        return q.sample((MOMENT_SAMPLES,)).mean(0), f"monte carlo ({MOMENT_SAMPLES} draws)"
 
 
 def _family_config(family) -> dict:

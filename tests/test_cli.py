@@ -36,7 +36,7 @@ def test_train_script_on_digits_writes_its_outputs(tmp_path):
     assert {"epoch", "train_elbo", "test_elbo", "kl", "recon"} <= set(metrics[0])
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["guide"]["df"] == 4.0
-    assert config["training"]["binarize"] == "dynamic"
+    assert config["training"]["binarize"] == "threshold"  # the digits default (getting-started)
     assert VAE.load(out).guide_family.name == "student-t"
 
     refused = train("--epochs", "2", "--out", str(out))

@@ -188,7 +188,7 @@ def test_data_dir_defaults_to_the_environment_variable(shared_data_dir, monkeypa
     "kwargs, message_parts",
     [
         ({"name": "cifar"}, ["'cifar'", *DATASET_NAMES]),
-        ({"name": "digits", "binarize": "threshold"}, ["'threshold'", *BINARIZE_MODES]),
+        ({"name": "digits", "binarize": "median"}, ["'median'", *BINARIZE_MODES]),
         ({"name": "binarized-mnist", "binarize": "dynamic"}, ["dynamic", "'none' or 'static'", "mnist"]),
         ({"name": "digits", "include_valid": True}, ["include_valid", "binarized-mnist"]),
     ],

@@ -42,7 +42,7 @@ import torch
 from pyro import poutine
 from tqdm.auto import tqdm
 
-from pyrovae.errors import PyrovaeError
+from pyrovae.errors import DataError, PyrovaeError
 from pyrovae.evaluation.diagnostics import import_arviz
 from pyrovae.run import EVALUATION_FILE  # noqa: F401  (re-exported for one release)
 from pyrovae.sites import sample_sites
@@ -152,10 +152,20 @@ def log_likelihood(vae, data: torch.Tensor, num_samples: int = 5000, *,
         raise PyrovaeError(
             f"max_elements={max_elements} is below {PARTICLE_ALIGNMENT} particles x "
             f"data_block={data_block}; raise max_elements or lower data_block.")
+    if not isinstance(data, torch.Tensor):
+        raise DataError(
+            f"data is a {type(data).__module__}.{type(data).__name__}, not a torch.Tensor; "
+            f"convert it with torch.as_tensor(x, dtype=torch.float32).")
     if len(data) == 0:
         raise PyrovaeError("data holds no datapoints; pass a batch of shape (N, *x_shape) with N > 0.")
     if hasattr(vae, "check_data"):
         vae.check_data(data)
+    else:  # a model of the user's own: at least the dtype its parameters have
+        param = next(vae.parameters(), None)
+        if param is not None and data.dtype != param.dtype:
+            raise DataError(
+                f"data has dtype {data.dtype}, but the model's parameters are {param.dtype}; "
+                f"convert the data with x.to({param.dtype}).")
     if num_samples < MIN_SAMPLES_FOR_KHAT:
         warnings.warn(f"num_samples={num_samples} is too few for PSIS k-hat (needs "
                       f"{MIN_SAMPLES_FOR_KHAT}); khat is NaN.", stacklevel=2)

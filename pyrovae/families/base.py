@@ -10,14 +10,17 @@ sigma) that move with ``.to(device)`` and are saved in the ``state_dict``.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributions import constraints
 
-from pyrovae.errors import UnknownNameError
+from pyrovae.errors import PyrovaeError, UnknownNameError
 
 
 class Family(nn.Module):
@@ -68,6 +71,39 @@ def positive_inverse(value: float, floor: float, shape) -> torch.Tensor:
     # float32(value) - float32(floor) can miss it by a rounding step
     excess = torch.full(shape, float(value - floor))
     return excess + torch.log(-torch.expm1(-excess))
+
+
+def check_positive_int(value, what: str) -> int:
+    """``value`` as an int if it is a positive integer (a Python or numpy int, not a bool
+    and not a float such as 2.7, which would be truncated without a word)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise PyrovaeError(f"{what} must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+def check_number(value, what: str, above: float | None = None, at_least: float | None = None
+                 ) -> float:
+    """``value`` as a float if it is a finite real number (not a bool, not a string)
+    above ``above`` (strictly) or at least ``at_least``; else a PyrovaeError naming ``what``."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise PyrovaeError(f"{what} must be a number, got {value!r} ({type(value).__name__}).")
+    number = float(value)
+    if not math.isfinite(number):
+        raise PyrovaeError(f"{what} must be a finite number, got {value!r}.")
+    if above is not None and not number > above:
+        raise PyrovaeError(f"{what} must be greater than {above:g}, got {value!r}.")
+    if at_least is not None and not number >= at_least:
+        raise PyrovaeError(f"{what} must be at least {at_least:g}, got {value!r}.")
+    return number
+
+
+def check_flag(value, what: str) -> bool:
+    """A True/False option: a bool (or numpy bool), never a string such as "false"."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise PyrovaeError(f"{what} must be True or False, got {value!r}.")
+    return bool(value)
 
 
 class Registry(dict):

@@ -19,7 +19,15 @@ from torch import nn
 from torch.distributions import biject_to, constraints
 
 from pyrovae.errors import PyrovaeError, UnknownNameError
-from pyrovae.families.base import Family, Registry, positive, positive_inverse
+from pyrovae.families.base import (
+    Family,
+    Registry,
+    check_flag,
+    check_number,
+    check_positive_int,
+    positive,
+    positive_inverse,
+)
 
 PRIORS = Registry("prior")
 GUIDES = Registry("guide")
@@ -99,22 +107,20 @@ class Prior(Family):
     param_constraints: ClassVar[dict[str, constraints.Constraint]] = {}
     defaults: ClassVar[dict[str, float]] = {}
 
-    def __init__(self, size: int, learnable: bool | list[str] = False, **values):
+    def __init__(self, size: int, learnable: bool | str | list[str] = False, **values):
         super().__init__()
+        size = check_positive_int(size, "z_dim (--z-dim)")
         unknown = set(values) - set(self.param_constraints)
         if unknown:
             raise UnknownNameError(
                 f"{self.name!r} has no parameter {sorted(unknown)}; "
                 f"its parameters are {list(self.param_constraints)}."
             )
-        if learnable is True:
-            learnable = list(self.param_constraints)
-        learnable = list(learnable or [])
-        self._settings = {**values, "learnable": learnable}
+        learnable = self._learnable_names(learnable)
+        self._settings = {**{k: _json_value(v) for k, v in values.items()}, "learnable": learnable}
         self._learned = []
         for pname, constraint in self.param_constraints.items():
-            value = torch.as_tensor(values.get(pname, self.defaults[pname]), dtype=torch.float32)
-            value = value.expand(size).clone() if value.dim() == 0 else value
+            value = self._param_tensor(pname, values.get(pname, self.defaults[pname]), size)
             if not bool(constraint.check(value).all()):
                 raise PyrovaeError(
                     f"{self.name!r} parameter {pname}={value.tolist()} is outside its "
@@ -126,6 +132,47 @@ class Prior(Family):
                 self._learned.append(pname)
             else:
                 self.register_buffer(pname, value)
+
+    def _learnable_names(self, learnable) -> list[str]:
+        """True (all parameters), False or None (none), one name, or a list of names."""
+        known = list(self.param_constraints)
+        if learnable is None or isinstance(learnable, bool):
+            return known if learnable else []
+        names = [learnable] if isinstance(learnable, str) else learnable
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise PyrovaeError(
+                f"prior {self.name!r} learnable={learnable!r}: give True (all parameters, "
+                f"--learn-prior), False, a parameter name or a list of them, from {known}.")
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise UnknownNameError(
+                f"prior {self.name!r} cannot learn {unknown}: it has no such parameter; "
+                f"its parameters are {known}.")
+        return list(names)
+
+    def _param_tensor(self, pname: str, value, size: int) -> torch.Tensor:
+        """A parameter as a float32 vector of length ``size``: a finite number, broadcast,
+        or one finite number per latent dimension."""
+        how = (f"pass a number or a list of z_dim={size} numbers "
+               f"(--prior-param {pname}=VALUE, prior_kwargs={{{pname!r}: ...}})")
+        tensor = None
+        if not isinstance(value, (str, bytes, bool)) and value is not None:
+            try:
+                tensor = torch.as_tensor(value, dtype=torch.float32)
+            except (TypeError, ValueError, RuntimeError):
+                tensor = None
+        if tensor is None or tensor.dim() > 1:
+            raise PyrovaeError(
+                f"prior {self.name!r} parameter {pname}={value!r} is not a number or a "
+                f"vector of numbers; {how}.")
+        if tensor.dim() == 1 and len(tensor) != size:
+            raise PyrovaeError(
+                f"prior {self.name!r} parameter {pname} has {len(tensor)} values, but "
+                f"z_dim is {size}; {how}.")
+        if not bool(torch.isfinite(tensor).all()):
+            raise PyrovaeError(
+                f"prior {self.name!r} parameter {pname}={value!r} is not finite; {how}.")
+        return tensor.expand(size).clone() if tensor.dim() == 0 else tensor.clone()
 
     def param_values(self, like: torch.Tensor | None = None) -> list[torch.Tensor]:
         values = []
@@ -139,6 +186,18 @@ class Prior(Family):
 
     def forward(self, like: torch.Tensor | None = None) -> dist.Distribution:
         return self.make_dist(*self.param_values(like)).to_event(1)
+
+
+def _json_value(value):
+    """A parameter as config.json saves it: Python numbers and lists as given, tensors
+    and numpy values as plain floats or lists."""
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return list(value)
+    tolist = getattr(value, "tolist", None)
+    return tolist() if callable(tolist) else value
 
 
 # The priors' base was FixedOrLearnable before it merged into Prior; the old name is
@@ -161,9 +220,15 @@ class Guide(Family):
 
     def __init__(self, z_dim: int, min_scale: float = 1e-4):
         super().__init__()
-        self.z_dim = z_dim
-        self.min_scale = min_scale
-        self._settings = {"min_scale": min_scale}
+        self.z_dim = check_positive_int(z_dim, "z_dim (--z-dim)")
+        # the floor keeps q's scale away from 0, where log q is infinite; below 0 the scale
+        # itself could go negative. 0 means no floor (softplus alone, which underflows to 0
+        # for raw outputs below about -100): for exact encoders, as in the PPCA test
+        self.min_scale = check_number(
+            min_scale, f"guide {self.name!r} min_scale (--guide-param min_scale=...), the floor "
+            f"under q's scale (default 1e-4; 0 means no floor),", at_least=0)
+        self._settings = {"min_scale": min_scale if type(min_scale) in (int, float)
+                          else self.min_scale}
 
     def constrain(self, raw: torch.Tensor) -> tuple[torch.Tensor, ...]:
         loc, raw_scale = raw.unbind(-2)
@@ -190,6 +255,9 @@ class StudentTGuide(Guide):
     def __init__(self, z_dim: int, df: float = 5.0, learn_df: bool = True,
                  min_df: float = 2.1, min_scale: float = 1e-4):
         super().__init__(z_dim, min_scale)
+        min_df = check_number(min_df, "student-t guide min_df (--guide-param min_df=...)", above=0)
+        df = check_number(df, "student-t guide df (--guide-param df=...)")
+        learn_df = check_flag(learn_df, "student-t guide learn_df (--guide-param learn_df=...)")
         if not df > min_df:
             raise PyrovaeError(f"student-t guide df={df} must exceed min_df={min_df}; raise df.")
         self.min_df = min_df
