@@ -283,7 +283,7 @@ class Trainer:
         defines the model, its data or its randomness cannot change: that is a
         new run, and asking for it is an error.
         """
-        vae, data, config = load_run(folder, changes.get("data_dir"))
+        config = run.read_train_config(folder)
         changes.update({key: value for key, value in
                         (("epochs", epochs), ("device", device), ("jit", jit)) if value is not None})
         fixed = sorted(key for key, value in changes.items()
@@ -293,14 +293,16 @@ class Trainer:
                 f"{', '.join('--' + key.replace('_', '-') for key in fixed)} cannot change when "
                 f"a run resumes: they define its model, data or randomness. Start a new run "
                 f"with another --out instead (or drop the flags to resume as saved).")
-        checkpoint = run.read_checkpoint(folder)
+        before = {key: getattr(config, key) for key in changes}
         for key, value in changes.items():
-            if getattr(config, key) != value:
-                log.info(f"{key} {getattr(config, key)} → {value} from epoch "
-                         f"{checkpoint['epoch'] + 1}")
-                setattr(config, key, value)
+            setattr(config, key, value)
+        config.validate()  # before the data load, as for a new run
+        checkpoint = run.read_checkpoint(folder, map_location=resolve_device(config.device))
+        for key, value in changes.items():
+            if before[key] != value:
+                log.info(f"{key} {before[key]} → {value} from epoch {checkpoint['epoch'] + 1}")
+        vae, data, _ = load_run(folder, config.data_dir)
         trainer = cls(vae.train(), data, config, out=folder, progress=progress, _resuming=True)
-        checkpoint = run.read_checkpoint(folder, map_location=trainer.device)
         trainer.saved_epoch = checkpoint["epoch"]
         trainer.optim.set_state(checkpoint["optimizer"])
         trainer.epoch = checkpoint["epoch"]

@@ -141,3 +141,26 @@ def test_torch_jit_trace_is_still_there():
         assert hasattr(torch.jit, member), (
             f"torch.jit.{member} is gone: the compiled step (pyrovae/objectives/compiled.py, "
             f"through pyro.ops.jit) cannot work; train with --no-jit or an older torch")
+
+
+def test_a_tensor_version_counts_its_in_place_changes():
+    # pyrovae/vae.py reads x._version so that the model does not check again the values
+    # of a batch the guide checked, unless something changed it in place since
+    x = torch.zeros(3)
+    assert hasattr(x, "_version"), (
+        "torch.Tensor._version is gone; pyrovae/vae.py (VAE._check_step_data) needs it")
+    before = x._version
+    x.add_(1.0)
+    assert x._version > before, "torch.Tensor._version no longer counts in-place changes"
+
+
+def test_pyro_says_whether_validation_is_enabled():
+    # pyrovae/vae.py checks data values in model and guide only while it is
+    from pyro.infer import util
+
+    assert hasattr(util, "is_validation_enabled"), (
+        "pyro.infer.util.is_validation_enabled is gone; pyrovae/vae.py needs it")
+    with pyro.validation_enabled(False):
+        assert not util.is_validation_enabled()
+    with pyro.validation_enabled(True):
+        assert util.is_validation_enabled()

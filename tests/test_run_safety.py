@@ -201,3 +201,16 @@ def test_a_nan_in_epoch_one_claims_no_checkpoint(data, tmp_path):
 def test_a_loss_that_explodes_without_a_nan_stops_the_run(data, tmp_path):
     with pytest.raises(NonFiniteLossError, match="diverged to .* nats per datapoint.*--lr"):
         trainer(data, tmp_path, lr=1e6, epochs=5).fit()
+
+
+def test_resume_refuses_an_impossible_value_before_loading_the_data(tmp_path, capsys,
+                                                                     monkeypatch):
+    out = tmp_path / "run"
+    assert train("--epochs", "1", "--out", str(out)) == 0
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was loaded before the flags were checked")
+
+    monkeypatch.setattr("pyrovae.vae.load_dataset", no_data)
+    assert train("--resume", "--out", str(out), "--epochs", "0") == 2
+    assert "--epochs must be a positive integer" in capsys.readouterr().err
