@@ -214,3 +214,15 @@ def test_resume_refuses_an_impossible_value_before_loading_the_data(tmp_path, ca
     monkeypatch.setattr("pyrovae.vae.load_dataset", no_data)
     assert train("--resume", "--out", str(out), "--epochs", "0") == 2
     assert "--epochs must be a positive integer" in capsys.readouterr().err
+
+
+def test_a_flag_counts_as_given_by_its_whole_name_or_an_abbreviation():
+    import argparse
+
+    from pyrovae.cli import given_flags
+
+    parser = argparse.ArgumentParser()
+    for flag in ("--kl-anneal", "--kl-anneal-start", "--lr"):
+        parser.add_argument(flag)
+    assert given_flags(parser, ["--kl-anneal", "3", "--lr=0.1"]) == {"kl_anneal", "lr"}
+    assert given_flags(parser, ["--kl-anneal-s", "0.2"]) == {"kl_anneal_start"}

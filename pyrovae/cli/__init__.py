@@ -34,10 +34,15 @@ def main(argv=None) -> int:
 def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     """The destinations of the options written on the command line, whatever their
     value: a resumed run applies ``--lr 0.001`` even where 0.001 is the default."""
-    words = [word.split("=", 1)[0] for word in argv if word.startswith("--")]
-    return {action.dest for action in parser._actions  # argparse keeps its options there
-            if any(option.startswith(word) for word in words
-                   for option in action.option_strings if option.startswith("--"))}
+    options = {option: action.dest for action in parser._actions  # argparse keeps them there
+               for option in action.option_strings if option.startswith("--")}
+    given = set()
+    for word in (word.split("=", 1)[0] for word in argv if word.startswith("--")):
+        # the whole name, or the unique prefix argparse accepted (--kl-anneal is not
+        # --kl-anneal-start)
+        named = [word] if word in options else [o for o in options if o.startswith(word)]
+        given.update(options[option] for option in named)
+    return given
 
 
 def parse_key_values(pairs: list[str] | None, flag: str) -> dict:
