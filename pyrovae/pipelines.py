@@ -12,6 +12,8 @@ from pathlib import Path
 
 from pyrovae import run
 from pyrovae.collapse import collapse_diagnostics
+from pyrovae.errors import PyrovaeError
+from pyrovae.evaluation.ais import ais_log_likelihood, bdmc
 from pyrovae.evaluation.marginal import (
     DEFAULT_MAX_ELEMENTS,
     IWAE_CURVE_KS,
@@ -20,16 +22,24 @@ from pyrovae.evaluation.marginal import (
     log_likelihood,
 )
 from pyrovae.plots import IWAE_FIGURE, KHAT_FIGURE, plot_iwae_bounds, plot_khat, save
-from pyrovae.run import EVALUATION_FILE
+from pyrovae.run import AIS_FILE, BDMC_FILE, EVALUATION_FILE
 from pyrovae.vae import load_run
 
 log = logging.getLogger("pyrovae")
 
+METHODS = ("is", "ais", "bdmc")
+# importance samples (IS), or chains per datapoint (AIS, BDMC), where none are asked for
+DEFAULT_NUM_SAMPLES = {"is": 5000, "ais": 16, "bdmc": 16}
+# above this share of images with k-hat > 0.7, the IS estimate is not to be trusted
+# and the summary recommends AIS
+AIS_ADVICE_SHARE = 0.1
 
-def evaluate_run(run_folder, num_samples: int = 5000, *, max_elements: int = DEFAULT_MAX_ELEMENTS,
-                 num_images: int | None = None, subset_size: int = 100, seed: int = 0,
-                 device: str = "auto", data_dir: str | None = None,
-                 progress: bool = True) -> dict:
+
+def evaluate_run(run_folder, num_samples: int | None = None, *, method: str = "is",
+                 num_steps: int = 1000, leapfrog_steps: int = 10, num_simulated: int = 100,
+                 max_elements: int = DEFAULT_MAX_ELEMENTS, num_images: int | None = None,
+                 subset_size: int = 100, seed: int = 0, device: str = "auto",
+                 data_dir: str | None = None, progress: bool = True) -> dict:
     """Evaluate a run folder's test set: write evaluation.json and two figures; return the summary.
 
     Reloads the VAE from ``config.json`` and ``checkpoint.pt`` and the data set
@@ -39,9 +49,20 @@ def evaluate_run(run_folder, num_samples: int = 5000, *, max_elements: int = DEF
     with max(num_samples, 5000) samples. Figures: ``evaluation_khat.png``
     (k-hat per datapoint) and ``evaluation_iwae_bound.png``.
     """
+    if method not in METHODS:
+        raise PyrovaeError(f"unknown method {method!r}; use one of {list(METHODS)}.")
+    num_samples = DEFAULT_NUM_SAMPLES[method] if num_samples is None else num_samples
     folder = Path(run_folder)
     vae, data, _ = load_run(folder, data_dir, run.resolve_device(device))
     run.check_writable(folder)  # before the evaluation, not after it
+    if method == "ais":
+        return evaluate_test_set_ais(folder, vae, data, num_steps, num_samples,
+                                     leapfrog_steps=leapfrog_steps, max_elements=max_elements,
+                                     num_images=num_images, seed=seed, progress=progress)
+    if method == "bdmc":
+        return evaluate_bdmc(folder, vae, num_simulated, num_steps, num_samples,
+                             leapfrog_steps=leapfrog_steps, max_elements=max_elements,
+                             seed=seed, progress=progress)
     return evaluate_test_set(folder, vae, data, num_samples, max_elements=max_elements,
                              num_images=num_images, subset_size=subset_size, seed=seed,
                              progress=progress)
@@ -80,4 +101,60 @@ def evaluate_test_set(folder, vae, data, num_samples: int = 5000, *,
                 f"no k-hat: it needs K >= {MIN_SAMPLES_FOR_KHAT} importance samples. ")
              + "Wrote "
              f"{EVALUATION_FILE}, {KHAT_FIGURE}, {IWAE_FIGURE} in {folder}.")
+    share = summary["khat_frac_above_0_7"]
+    if num_samples >= MIN_SAMPLES_FOR_KHAT and share > AIS_ADVICE_SHARE:
+        log.info(f"k-hat > 0.7 for {100 * share:.0f}% of the images: q(z|x) is too poor a "
+                 f"proposal there, and the NLL above can be far too high. Certify it with "
+                 f"annealed importance sampling on a subset: pyrovae evaluate {folder} "
+                 f"--method ais --num-images 1000 (docs/marginal_likelihood.md).")
+    return summary
+
+
+def evaluate_test_set_ais(folder, vae, data, num_steps: int = 1000, num_samples: int = 16, *,
+                          leapfrog_steps: int = 10, max_elements: int = DEFAULT_MAX_ELEMENTS,
+                          num_images: int | None = None, seed: int = 0,
+                          progress: bool = True) -> dict:
+    """log p(x) of the test images by AIS (``pyrovae.evaluation.ais``): write
+    evaluation_ais.json into ``folder`` and return its summary."""
+    folder = Path(folder)
+    test = data.test if num_images is None else data.test[:num_images]
+    log.info(f"evaluating {folder}: log p(x) of {len(test)} {data.name} test images by AIS, "
+             f"{num_samples} chains of {num_steps} steps ({leapfrog_steps} leapfrog steps "
+             f"each) per image, on {vae.device}")
+    estimate = ais_log_likelihood(vae, test, num_steps, num_samples,
+                                  leapfrog_steps=leapfrog_steps, max_elements=max_elements,
+                                  seed=seed, progress=progress)
+    summary = {**estimate.summary(), "method": "ais", "leapfrog_steps": leapfrog_steps,
+               "dataset": data.name}
+    run.write_evaluation(folder, summary, AIS_FILE)
+    log.info(f"AIS NLL {summary['nll']:.3f} +- {summary['nll_se']:.3f} nats (Monte Carlo SE "
+             f"{summary['nll_mc_se']:.3f}), mean ESS {summary['ess_mean']:.1f} of "
+             f"{num_samples} chains, acceptance {summary['acceptance_rate']:.2f}; a stochastic "
+             f"lower bound of log p(x). Wrote {AIS_FILE} in {folder}.")
+    return summary
+
+
+def evaluate_bdmc(folder, vae, num_simulated: int = 100, num_steps: int = 1000,
+                  num_samples: int = 16, *, leapfrog_steps: int = 10,
+                  max_elements: int = DEFAULT_MAX_ELEMENTS, seed: int = 0,
+                  progress: bool = True) -> dict:
+    """BDMC (``pyrovae.evaluation.ais.bdmc``) on data simulated from the run's model:
+    write bdmc.json into ``folder`` and return its summary."""
+    folder = Path(folder)
+    log.info(f"BDMC of {folder}: {num_simulated} datapoints simulated from the model, "
+             f"{num_samples} chains of {num_steps} steps each way")
+    result = bdmc(vae, num_simulated, num_steps, num_samples, leapfrog_steps=leapfrog_steps,
+                  max_elements=max_elements, seed=seed, progress=progress)
+    summary = {
+        **result["summary"], "method": "bdmc", "leapfrog_steps": leapfrog_steps,
+        "certifies": "the accuracy of AIS and IS on data simulated from the model, not on "
+                     "the test set",
+        **{f"per_datapoint_{key}": result[key].tolist()
+           for key in ("lower", "upper", "gap", "is")},
+    }
+    run.write_evaluation(folder, summary, BDMC_FILE)
+    log.info(f"BDMC: log p(x) between {summary['lower']:.3f} (forward AIS) and "
+             f"{summary['upper']:.3f} (reverse AIS), gap {summary['gap']:.3f} nats; IS with "
+             f"the guide {summary['is']:.3f}. This certifies the estimators on data from the "
+             f"model, not on the test set. Wrote {BDMC_FILE} in {folder}.")
     return summary

@@ -33,6 +33,8 @@ CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.json"
 EVALUATION_FILE = "evaluation.json"
+AIS_FILE = "evaluation_ais.json"
+BDMC_FILE = "bdmc.json"
 
 
 @dataclass
@@ -270,9 +272,12 @@ def write_metrics(folder, metrics: list[dict]) -> None:
     atomic_write_json(Path(folder) / METRICS_FILE, metrics)
 
 
-def write_evaluation(folder, summary: dict) -> None:
-    """evaluation.json; strict JSON has no NaN or infinity, so they are written as null."""
-    atomic_write_json(Path(folder) / EVALUATION_FILE, {
+def write_evaluation(folder, summary: dict, name: str = EVALUATION_FILE) -> None:
+    """evaluation.json (or ``AIS_FILE``, ``BDMC_FILE``); strict JSON has no NaN or
+    infinity, so they are written as null."""
+    if name not in (EVALUATION_FILE, AIS_FILE, BDMC_FILE):
+        raise ValueError(f"{name} is not an evaluation file of the run folder")
+    atomic_write_json(Path(folder) / name, {
         key: None if isinstance(value, float) and not math.isfinite(value) else value
         for key, value in summary.items()})
 
@@ -327,7 +332,7 @@ def claim_folder(folder, overwrite: bool = False) -> None:
 def is_run_folder(folder) -> bool:
     """Whether every file in ``folder`` is one a pyrovae run writes."""
     from_figures = {".png"}
-    own = {CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE, EVALUATION_FILE}
+    own = {CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE, EVALUATION_FILE, AIS_FILE, BDMC_FILE}
     for path in Path(folder).iterdir():
         if path.is_dir() or (path.name not in own and path.suffix not in from_figures):
             return False

@@ -70,7 +70,8 @@ def test_no_module_imports_from_a_later_stage(name, path):
 
 
 def test_each_run_file_is_named_in_one_module():
-    names = [run.CONFIG_FILE, run.CHECKPOINT_FILE, run.METRICS_FILE, run.EVALUATION_FILE]
+    names = [run.CONFIG_FILE, run.CHECKPOINT_FILE, run.METRICS_FILE, run.EVALUATION_FILE,
+             run.AIS_FILE, run.BDMC_FILE]
     for file_name in names:
         holders = [name for name, path in modules() if f'"{file_name}"' in path.read_text()]
         assert holders == ["pyrovae.run"], (file_name, holders)

@@ -1,25 +1,38 @@
-"""``pyrovae evaluate``: importance-sampled test-set log p(x) of a trained run.
+"""``pyrovae evaluate``: the test-set log p(x) of a trained run.
 
-Writes evaluation.json, evaluation_khat.png and evaluation_iwae_bound.png into
-the run folder (see docs/marginal_likelihood.md).
+By importance sampling (``--method is``, the default): writes evaluation.json,
+evaluation_khat.png and evaluation_iwae_bound.png into the run folder. By
+annealed importance sampling (``--method ais``): writes evaluation_ais.json.
+BDMC on data simulated from the model (``--method bdmc``): writes bdmc.json.
+See docs/marginal_likelihood.md.
 """
 
 from __future__ import annotations
 
 from pyrovae.cli import plain, positive_int, seed_int
 from pyrovae.evaluation.marginal import DEFAULT_MAX_ELEMENTS, MIN_SAMPLES_FOR_KHAT
-from pyrovae.pipelines import evaluate_run
-
-DEFAULT_NUM_SAMPLES = 5000
+from pyrovae.pipelines import DEFAULT_NUM_SAMPLES, METHODS, evaluate_run
 
 
 def add_parser(sub):
     p = sub.add_parser("evaluate", help=plain(__doc__.splitlines()[0]), description=plain(__doc__))
     p.add_argument("run_folder", metavar="RUN",
                    help="the run folder, as written by pyrovae train --out RUN")
-    p.add_argument("--num-samples", type=positive_int, default=DEFAULT_NUM_SAMPLES, metavar="K",
-                   help="importance samples K per image (default %(default)s, as in the "
-                        f"papers); PSIS k-hat needs K >= {MIN_SAMPLES_FOR_KHAT}")
+    p.add_argument("--method", choices=METHODS, default="is",
+                   help="is: importance sampling with q(z|x); ais: annealed importance "
+                        "sampling, for when k-hat flags IS; bdmc: the AIS bounds on data "
+                        "simulated from the model (default %(default)s)")
+    p.add_argument("--num-samples", type=positive_int, metavar="K",
+                   help=f"importance samples K per image (default "
+                        f"{DEFAULT_NUM_SAMPLES['is']}, as in the papers; PSIS k-hat needs K >= "
+                        f"{MIN_SAMPLES_FOR_KHAT}), or AIS chains per image (default "
+                        f"{DEFAULT_NUM_SAMPLES['ais']})")
+    p.add_argument("--ais-steps", type=positive_int, default=1000, metavar="T",
+                   help="annealing steps of AIS and BDMC (default %(default)s)")
+    p.add_argument("--leapfrog-steps", type=positive_int, default=10, metavar="L",
+                   help="leapfrog steps of each HMC transition of AIS (default %(default)s)")
+    p.add_argument("--num-simulated", type=positive_int, default=100, metavar="N",
+                   help="datapoints simulated from the model for BDMC (default %(default)s)")
     p.add_argument("--max-elements", type=positive_int, default=DEFAULT_MAX_ELEMENTS,
                    metavar="N",
                    help="memory bound: (sample, image) pairs in one vectorized pass "
@@ -40,7 +53,9 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    evaluate_run(args.run_folder, args.num_samples, max_elements=args.max_elements,
+    evaluate_run(args.run_folder, args.num_samples, method=args.method,
+                 num_steps=args.ais_steps, leapfrog_steps=args.leapfrog_steps,
+                 num_simulated=args.num_simulated, max_elements=args.max_elements,
                  num_images=args.num_images, subset_size=args.subset_size, seed=args.seed,
                  device=args.device, data_dir=args.data_dir, progress=not args.no_progress)
     return 0

@@ -1,7 +1,15 @@
 """Evaluation of trained VAEs: importance-sampled log p(x) per datapoint, with ESS,
 Monte Carlo standard errors and PSIS k-hat (``docs/marginal_likelihood.md``), and
-posterior-collapse diagnostics (``docs/diagnostics.md``)."""
+posterior-collapse diagnostics (``docs/diagnostics.md``); annealed importance
+sampling and BDMC (``ais.py``)."""
 
+from pyrovae.evaluation.ais import (
+    AISEstimate,
+    ais_log_likelihood,
+    annealing_schedule,
+    bdmc,
+    hmc_transition,
+)
 from pyrovae.evaluation.diagnostics import collapse_diagnostics, posterior_draws
 from pyrovae.evaluation.marginal import (
     LogLikelihoodEstimate,
@@ -12,4 +20,5 @@ from pyrovae.evaluation.marginal import (
 )
 
 __all__ = ["LogLikelihoodEstimate", "log_likelihood", "log_weights", "pareto_khat",
-           "iwae_bounds", "collapse_diagnostics", "posterior_draws"]
+           "iwae_bounds", "collapse_diagnostics", "posterior_draws",
+           "AISEstimate", "ais_log_likelihood", "annealing_schedule", "bdmc", "hmc_transition"]
