@@ -49,12 +49,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
 import time
 
-import pyro
 import torch
 import torch.nn.functional as F
 
@@ -68,6 +65,7 @@ from pyrovae.evaluation.ais import (
     annealing_schedule,
 )
 from pyrovae.evaluation.marginal import DEFAULT_DATA_BLOCK
+from train_speed import environment  # benchmarks/ is the script's own folder on sys.path
 
 STEP_SIZE, TARGET_ACCEPT = 0.05, 0.65  # ais_log_likelihood's defaults
 
@@ -267,19 +265,6 @@ def print_table(result, title):
           + ", ".join(f"{r:.3f}" for r in result["ratios"]) + ")")
     print(f"  NLL difference pyrovae - hand-written: {result['nll_difference']:+.3f} nats "
           f"= {result['nll_difference_in_mc_se']:+.2f} combined MC SE")
-
-
-def environment(threads: int) -> dict:
-    model = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__,
-            "pyro": pyro.__version__, "python": platform.python_version(),
-            "threads": threads, "load_average": os.getloadavg(),
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def main(argv=None):

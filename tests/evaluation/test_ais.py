@@ -7,7 +7,6 @@ import math
 import pyro.distributions as dist
 import pytest
 import torch
-from torch import nn
 
 from pyrovae import VAE
 from pyrovae.errors import PyrovaeError
@@ -18,8 +17,14 @@ from pyrovae.evaluation import (
     hmc_transition,
     log_likelihood,
 )
-
-X_DIM, Z_DIM, SIGMA = 6, 2, 0.5
+from test_marginal import (  # the same linear-Gaussian model as the IS tests
+    SIGMA,
+    X_DIM,
+    Z_DIM,
+    LinearDecoder,
+    PosteriorEncoder,
+    exactly_orthogonal_columns,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -30,49 +35,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-class LinearDecoder(nn.Module):
-    """x = W z + b: batch + (z_dim,) -> batch + (1, x_dim), the decoder contract."""
-
-    def __init__(self, weight, bias):
-        super().__init__()
-        self.linear = nn.Linear(weight.shape[1], weight.shape[0])
-        with torch.no_grad():
-            self.linear.weight.copy_(weight)
-            self.linear.bias.copy_(bias)
-
-    def forward(self, z):
-        return self.linear(z).unsqueeze(-2)
-
-
-class PosteriorEncoder(nn.Module):
-    """The exact PPCA posterior N(mu(x), diag s^2) for a W with orthogonal columns, its
-    scale multiplied by ``widen`` and its mean moved by ``shift`` posterior sds."""
-
-    def __init__(self, weight, bias, sigma, widen=1.0, shift=0.0):
-        super().__init__()
-        gram = weight.T @ weight
-        assert torch.equal(gram, torch.diag(gram.diag()))
-        variance = 1.0 / (1.0 + gram.diag() / sigma**2)
-        self.register_buffer("gain", variance[:, None] * weight.T / sigma**2)
-        self.register_buffer("bias", bias)
-        self.register_buffer("shift", shift * variance.sqrt())
-        scale = widen * variance.sqrt()
-        self.register_buffer("raw_scale", scale + torch.log(-torch.expm1(-scale)))
-
-    def forward(self, x):
-        loc = (x - self.bias) @ self.gain.T + self.shift
-        return torch.stack([loc, self.raw_scale.expand_as(loc)], dim=-2)
-
-
-def exactly_orthogonal_columns(generator):
-    """An (X_DIM, 2) matrix with columns orthogonal exactly in float32 (entries +-1/2),
-    as in test_marginal.py."""
-    signs = torch.randint(0, 2, (X_DIM,), generator=generator) * 2.0 - 1.0
-    flips = torch.tensor([1.0, -1.0]).repeat_interleave(X_DIM // 2)
-    flips = flips[torch.randperm(X_DIM, generator=generator)]
-    return torch.stack([signs, signs * flips], dim=-1) / 2
 
 
 def ppca(widen=1.0, shift=0.0, n=10):

@@ -35,9 +35,10 @@ class LinearDecoder(nn.Module):
 
 class PosteriorEncoder(nn.Module):
     """The exact PPCA posterior N(mu(x), diag s^2) for a W with orthogonal columns, its
-    scale multiplied by ``widen``; outputs (loc, softplus^-1(scale)) for min_scale=0."""
+    scale multiplied by ``widen`` and its mean moved by ``shift`` posterior sds; outputs
+    (loc, softplus^-1(scale)) for min_scale=0."""
 
-    def __init__(self, weight, bias, sigma, widen=1.0):
+    def __init__(self, weight, bias, sigma, widen=1.0, shift=0.0):
         super().__init__()
         gram = weight.T @ weight
         # exact, not allclose: the columns are orthogonal in float32 by construction
@@ -46,11 +47,12 @@ class PosteriorEncoder(nn.Module):
         variance = 1.0 / (1.0 + gram.diag() / sigma**2)
         self.register_buffer("gain", variance[:, None] * weight.T / sigma**2)
         self.register_buffer("bias", bias)
+        self.register_buffer("shift", shift * variance.sqrt())
         scale = widen * variance.sqrt()
         self.register_buffer("raw_scale", scale + torch.log(-torch.expm1(-scale)))
 
     def forward(self, x):
-        loc = (x - self.bias) @ self.gain.T
+        loc = (x - self.bias) @ self.gain.T + self.shift
         return torch.stack([loc, self.raw_scale.expand_as(loc)], dim=-2)
 
 
