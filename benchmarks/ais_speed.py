@@ -65,7 +65,7 @@ from pyrovae.evaluation.ais import (
     annealing_schedule,
 )
 from pyrovae.evaluation.marginal import DEFAULT_DATA_BLOCK
-from train_speed import environment  # benchmarks/ is the script's own folder on sys.path
+from train_speed import environment, write_json  # benchmarks/ is on sys.path
 
 STEP_SIZE, TARGET_ACCEPT = 0.05, 0.65  # ais_log_likelihood's defaults
 
@@ -304,9 +304,7 @@ def main(argv=None):
             result["gpu"] = torch.cuda.get_device_name(device)
         results["devices"][name] = result
         print_table(result, f"AIS on {name}: pyrovae against a hand-written torch AIS")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    write_json(args.json, results)
     return results
 
 

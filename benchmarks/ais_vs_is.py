@@ -13,7 +13,6 @@ at least that much (up to Monte Carlo error). Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 
@@ -21,7 +20,7 @@ import torch
 
 from pyrovae import load_run
 from pyrovae.evaluation import ais_log_likelihood, log_likelihood
-from train_speed import environment  # benchmarks/ is the script's own folder on sys.path
+from train_speed import environment, write_json  # benchmarks/ is on sys.path
 
 KHAT_BINS = ((-math.inf, 0.5), (0.5, 0.7), (0.7, 1.0), (1.0, math.inf))
 
@@ -96,9 +95,7 @@ def main(argv=None):
         for interval, row in c["by_khat"].items():
             print(f"  k-hat in {interval}: {row['images']} images, mean "
                   f"{row['mean_ais_minus_is']:+.3f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    write_json(args.json, results)
     return results
 
 

@@ -425,6 +425,13 @@ def measure_pipeline(device, args, data, batch_size=PIPELINE_BATCH) -> dict:
 # ---------------------------------------------------------------- report
 
 
+def write_json(path, results: dict) -> None:
+    """The results as JSON at ``path``, where one was given (--json)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+
+
 def environment(threads: int) -> dict:
     model = platform.processor()
     try:
@@ -539,9 +546,7 @@ def main(argv=None):
     print(f"\ntax ratio: {results['tax_ratio_b128']:.3f} at batch 128 (target <= 1.10), "
           f"{results['tax_ratio_b1024']:.3f} at batch 1024 (target <= 1.05); pipeline "
           f"speed-up {results['pipeline_speedup']:.2f}x (target >= 2.5)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    write_json(args.json, results)
     return results
 
 

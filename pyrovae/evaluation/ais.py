@@ -73,9 +73,12 @@ from pyrovae.evaluation.marginal import (
     DEFAULT_MAX_ELEMENTS,
     PARTICLE_ALIGNMENT,
     _block_seed,
+    data_plate_sites,
     log_likelihood,
+    nll_summary,
+    weight_statistics,
 )
-from pyrovae.sites import latent_sites, sample_sites
+from pyrovae.sites import latent_sites
 
 SCHEDULES = ("sigmoid", "linear")
 STARTS = ("guide", "prior")
@@ -110,19 +113,9 @@ class AISEstimate:
 
     def summary(self) -> dict:
         """Means over the data, in nats per datapoint, as plain floats."""
-        n = len(self.log_px)
-        nll = -self.log_px
-        return {
-            "num_samples": self.num_samples,
-            "num_steps": self.num_steps,
-            "num_datapoints": n,
-            "nll": float(nll.mean()),
-            "nll_se": float(nll.std() / math.sqrt(n)) if n > 1 else float("nan"),
-            "nll_mc_se": float(self.mc_se.square().sum().sqrt() / n),
-            "ess_mean": float(self.ess.mean()),
-            "ess_min": float(self.ess.min()),
-            "acceptance_rate": self.acceptance_rate,
-        }
+        return {"num_samples": self.num_samples, "num_steps": self.num_steps,
+                **nll_summary(self.log_px, self.mc_se, self.ess),
+                "acceptance_rate": self.acceptance_rate}
 
 
 @dataclass
@@ -408,15 +401,9 @@ def _site_sum(trace, names, latent):
         warnings.filterwarnings("ignore", message="Encountered NaN")
         trace.compute_log_prob()
     total = 0.0
-    for site in sample_sites(trace):
-        if (site["name"] in names) != latent:
-            continue
-        if not any(frame.dim == -1 for frame in site["cond_indep_stack"]):
-            raise PyrovaeError(
-                f"sample site {site['name']!r} lies outside the data plate (dim -1), so it is not "
-                f"one value per datapoint and log p(x) does not split over the data; "
-                f"put every latent of the model and guide inside the data plate.")
-        total = total + site["log_prob"]
+    for site in data_plate_sites(trace):
+        if (site["name"] in names) == latent:
+            total = total + site["log_prob"]
     return total
 
 
@@ -529,13 +516,8 @@ def _run(vae, data, betas, num_samples, *, start, init, leapfrog_steps, step_siz
 
 
 def _estimate(lw, accept, num_steps, keep_log_weights) -> AISEstimate:
-    k = lw.shape[0]
-    lse = torch.logsumexp(lw, 0)
-    ess = torch.exp(2 * lse - torch.logsumexp(2 * lw, 0))
-    # the delta method, as in marginal._per_datapoint
-    mc_se = (((k / ess - 1).clamp(min=0) / (k - 1)).sqrt() if k > 1
-             else torch.full_like(ess, math.nan))
-    return AISEstimate(num_samples=k, num_steps=num_steps, log_px=lse - math.log(k), ess=ess,
+    log_px, ess, mc_se = weight_statistics(lw)
+    return AISEstimate(num_samples=lw.shape[0], num_steps=num_steps, log_px=log_px, ess=ess,
                        mc_se=mc_se, acceptance=accept,
                        acceptance_rate=float(accept.mean()),
                        log_weights=lw if keep_log_weights else None)

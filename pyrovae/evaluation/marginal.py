@@ -82,24 +82,56 @@ class LogLikelihoodEstimate:
 
     def summary(self) -> dict:
         """Means over the data, in nats per datapoint, as plain floats."""
-        n = len(self.log_px)
-        nll = -self.log_px
         khat = self.khat[~torch.isnan(self.khat)]
         finite_khat = khat[torch.isfinite(khat)]
         return {
             "num_samples": self.num_samples,
-            "num_datapoints": n,
-            "nll": float(nll.mean()),
-            "nll_se": float(nll.std() / math.sqrt(n)) if n > 1 else float("nan"),
-            "nll_mc_se": float(self.mc_se.square().sum().sqrt() / n),
+            **nll_summary(self.log_px, self.mc_se, self.ess),
             "elbo": float(self.elbo.mean()),
-            "ess_mean": float(self.ess.mean()),
-            "ess_min": float(self.ess.min()),
             "khat_mean": float(finite_khat.mean()) if len(finite_khat) else float("nan"),
             "khat_max": float(khat.max()) if len(khat) else float("nan"),
             "khat_frac_above_0_7": float((khat > KHAT_THRESHOLD).double().mean())
             if len(khat) else float("nan"),
         }
+
+
+def nll_summary(log_px: torch.Tensor, mc_se: torch.Tensor, ess: torch.Tensor) -> dict:
+    """The data means of an estimator's per-datapoint results, as plain floats: the NLL,
+    its standard error over the data and its Monte Carlo one, and the ESS."""
+    n = len(log_px)
+    nll = -log_px
+    return {
+        "num_datapoints": n,
+        "nll": float(nll.mean()),
+        "nll_se": float(nll.std() / math.sqrt(n)) if n > 1 else float("nan"),
+        "nll_mc_se": float(mc_se.square().sum().sqrt() / n),
+        "ess_mean": float(ess.mean()),
+        "ess_min": float(ess.min()),
+    }
+
+
+def data_plate_sites(trace):
+    """The sample sites of ``trace``, each checked to lie in the data plate (dim -1), so
+    that its log_prob holds one term per datapoint."""
+    for site in sample_sites(trace):
+        if not any(frame.dim == -1 for frame in site["cond_indep_stack"]):
+            raise PyrovaeError(
+                f"sample site {site['name']!r} lies outside the data plate (dim -1), so it is "
+                f"not one value per datapoint and log p(x) does not split over the data; "
+                f"put every latent of the model and guide inside the data plate.")
+        yield site
+
+
+def weight_statistics(lw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log p(x) = logsumexp - log K, the ESS and the Monte Carlo standard error of
+    log p(x), per column of the log weights ``lw`` (K, B)."""
+    k = lw.shape[0]
+    lse = torch.logsumexp(lw, 0)
+    ess = torch.exp(2 * lse - torch.logsumexp(2 * lw, 0))
+    # Delta method: se(log mean w) ~= sd(w) / (sqrt(K) mean(w)), and with the
+    # unbiased variance sd(w)^2 / mean(w)^2 = (K / ESS - 1) K / (K - 1).
+    mc_se = ((k / ess - 1).clamp(min=0) / (k - 1)).sqrt() if k > 1 else torch.full_like(ess, math.nan)
+    return lse - math.log(k), ess, mc_se
 
 
 def log_weights(model, guide, x: torch.Tensor, num_particles: int) -> torch.Tensor:
@@ -120,12 +152,7 @@ def log_weights(model, guide, x: torch.Tensor, num_particles: int) -> torch.Tens
     total = x.new_zeros(num_particles, x.shape[0])
     for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
         trace.compute_log_prob()
-        for site in sample_sites(trace):
-            if not any(frame.dim == -1 for frame in site["cond_indep_stack"]):
-                raise PyrovaeError(
-                    f"sample site {site['name']!r} lies outside the data plate (dim -1), so it is not "
-                    f"one value per datapoint and log p(x) does not split over the data; "
-                    f"put every latent of the model and guide inside the data plate.")
+        for site in data_plate_sites(trace):
             total = total + sign * site["log_prob"]
     return total
 
@@ -196,14 +223,9 @@ def _block_seed(seed: int, block: int) -> int:
 
 def _per_datapoint(lw: torch.Tensor, keep_log_weights: bool) -> dict:
     """Estimates from log weights of shape (K, B), all in float64."""
-    k = lw.shape[0]
-    lse = torch.logsumexp(lw, 0)
-    ess = torch.exp(2 * lse - torch.logsumexp(2 * lw, 0))
-    # Delta method: se(log mean w) ~= sd(w) / (sqrt(K) mean(w)), and with the
-    # unbiased variance sd(w)^2 / mean(w)^2 = (K / ESS - 1) K / (K - 1).
-    mc_se = ((k / ess - 1).clamp(min=0) / (k - 1)).sqrt() if k > 1 else torch.full_like(ess, math.nan)
+    log_px, ess, mc_se = weight_statistics(lw)
     out = {
-        "log_px": (lse - math.log(k)).cpu(),
+        "log_px": log_px.cpu(),
         "ess": ess.cpu(),
         "mc_se": mc_se.cpu(),
         "khat": torch.from_numpy(pareto_khat(lw.cpu().numpy())),

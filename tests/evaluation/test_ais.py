@@ -171,7 +171,7 @@ def test_bdmc_sandwiches_the_exact_value_and_the_gap_shrinks():
         assert float((result["lower"] - exact).mean()) < bound, steps
         assert float((result["upper"] - exact).mean()) > -bound, steps
         torch.testing.assert_close(result["gap"], result["upper"] - result["lower"])
-        assert result["summary"]["gap"] == pytest.approx(float(result["gap"].mean()))
+        assert result["summary"]["gap"] == float(result["gap"].mean())  # the same float64 mean
     short, long = results[10]["summary"]["gap"], results[200]["summary"]["gap"]
     # 0.87 and -0.05 nats with these seeds
     assert short > 0.5 and abs(long) < 0.2 and short > long + 0.5
@@ -234,7 +234,8 @@ def test_same_seed_same_answer():
     assert not torch.equal(first.log_px, other.log_px)
     summary = first.summary()
     assert summary["num_steps"] == 5 and summary["num_samples"] == 8
-    assert summary["nll"] == pytest.approx(-float(first.log_px.mean()))
+    # negation is exact and commutes with the float64 sum's rounding
+    assert summary["nll"] == -float(first.log_px.mean())
     # parameters get their gradients back, and the VAE its mode
     assert all(p.requires_grad for p in vae.parameters()) and vae.training
 
