@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import scipy.stats
 import torch
 from matplotlib.figure import Figure
 from torchvision.utils import make_grid
@@ -38,6 +39,7 @@ FIGURE_SIZES = {  # inches; pixels are these times DPI
     "latent_scatter": (6, 6),
     "training_curves": (12, 4),
     "kl_per_dim": (6, 4),
+    "latent_bubbles": (7, 6),
 }
 FIGURE_FILES = {name: f"{name}.png" for name in FIGURE_SIZES}
 EVALUATION_FIGURE_SIZES = {"evaluation_khat": (7, 4), "evaluation_iwae_bound": (6, 4)}
@@ -84,6 +86,9 @@ def write_figures(run_folder, vae, dataset, metrics: list[dict] | None = None,
         figures["kl_per_dim"] = lambda: plot_kl_per_dim(vae, dataset.test, seed)
     if vae.z_dim == 2 and factorized:
         figures["manifold"] = lambda: plot_manifold(vae)
+    if vae.z_dim >= 2:
+        figures["latent_bubbles"] = lambda: plot_latent_bubbles(
+            vae, dataset.test, dataset.test_labels, seed)
     if metrics:
         figures["training_curves"] = lambda: plot_training_curves(metrics)
     written = []
@@ -253,6 +258,133 @@ def plot_latent_scatter(vae, x: torch.Tensor, labels: torch.Tensor | None = None
     ax.set_title(f"encoded test set, z_dim={vae.z_dim}", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+BUBBLE_POINTS = 36
+BUBBLE_SAMPLES = 150  # draws per point for a guide without a closed-form covariance
+PRIOR_KDE_DRAWS = 5000
+CONTOUR_GRID = 80
+
+
+def plot_latent_bubbles(vae, x: torch.Tensor, labels: torch.Tensor | None = None,
+                        seed: int = 0, points: int = BUBBLE_POINTS) -> Figure:
+    """q(z|x) for a few dozen test points, over the prior's contours, in a plane.
+
+    The plane is z itself for z_dim=2, else that of the first two principal
+    components of the test set's posterior means (the axes say which). A
+    Gaussian guide is drawn as its 1- and 2-sigma ellipses (axis-aligned for a
+    diagonal guide in z_dim=2, tilted for a full covariance); any other guide
+    (a flow, a heavy tail) as a scatter of its own draws, since an ellipse would
+    misstate its shape. The prior's contours are exact for a Gaussian prior and a
+    kernel density estimate of its draws otherwise (a mixture, a VampPrior).
+    """
+    if vae.z_dim < 2:
+        raise PyrovaeError(f"the latent bubbles need z_dim >= 2, but this VAE has z_dim="
+                           f"{vae.z_dim}; the latent scatter works for any z_dim.")
+    chosen = _choose(len(x), min(points, len(x)), seed)
+    with vae.evaluating(seed):
+        means = posterior_centre(vae.encode(x, ENCODE_BATCH)).cpu().double().numpy()
+        q = vae.encode(x[chosen].to(vae.device))
+        gaussian = _gaussian_moments(q)
+        draws = None if gaussian else q.sample((BUBBLE_SAMPLES,)).cpu().double().numpy()
+        prior = vae.prior_distribution()
+        prior_gaussian = _gaussian_moments(prior)
+        prior_draws = prior.sample((PRIOR_KDE_DRAWS,)).cpu().double().numpy()
+    if prior_draws.shape[-1] != vae.z_dim or prior_draws.ndim != 2:
+        raise PyrovaeError(f"the latent bubbles need a prior over the guide's z_dim={vae.z_dim} "
+                           f"dimensions, got draws of shape {prior_draws.shape[1:]}.")
+    if vae.z_dim == 2:
+        centre, plane, axis_names = np.zeros(2), np.eye(2), ("z1", "z2")
+    else:
+        from sklearn.decomposition import PCA
+
+        pca = PCA(n_components=2, svd_solver="full").fit(means)
+        share = pca.explained_variance_ratio_ * 100
+        centre, plane = pca.mean_, pca.components_  # rows orthonormal: a projection
+        axis_names = tuple(f"PC{i + 1} of the posterior means ({share[i]:.0f}% of variance)"
+                           for i in range(2))
+
+    def project(z):
+        return (z - centre) @ plane.T
+
+    fig = _figure("latent_bubbles")
+    ax = fig.add_subplot()
+    colours = _point_colours(labels[chosen] if labels is not None else None, len(chosen))
+    lows, highs = [], []
+    if gaussian:
+        loc, cov = (t.cpu().double().numpy() for t in gaussian)
+        for i in range(len(chosen)):
+            centre_i = project(loc[i])
+            cov_i = plane @ cov[i] @ plane.T
+            for radius, style in ((1, "-"), (2, ":")):
+                ax.add_patch(_ellipse(centre_i, cov_i, radius, colours[i], style))
+            spread = 2 * np.sqrt(np.diag(cov_i))
+            lows.append(centre_i - spread)
+            highs.append(centre_i + spread)
+        drawn = "1-sigma (solid) and 2-sigma (dotted) ellipses of q(z|x)"
+    else:
+        for i in range(len(chosen)):
+            projected = project(draws[:, i])
+            ax.scatter(projected[:, 0], projected[:, 1], s=2, alpha=0.3, color=colours[i],
+                       linewidths=0)
+            lows.append(projected.min(0))
+            highs.append(projected.max(0))
+        drawn = f"{BUBBLE_SAMPLES} draws of q(z|x) per point"
+    prior_projected = project(prior_draws)
+    lows.append(np.quantile(prior_projected, 0.01, axis=0))
+    highs.append(np.quantile(prior_projected, 0.99, axis=0))
+    low, high = np.min(lows, axis=0), np.max(highs, axis=0)
+    pad = 0.05 * (high - low)
+    low, high = low - pad, high + pad
+    grid = np.stack(np.meshgrid(*(np.linspace(low[d], high[d], CONTOUR_GRID)
+                                  for d in range(2))), -1).reshape(-1, 2)
+    if prior_gaussian:
+        p_loc, p_cov = (t.cpu().double().numpy() for t in prior_gaussian)
+        density = scipy.stats.multivariate_normal(project(p_loc), plane @ p_cov @ plane.T).pdf(grid)
+        how = "exact"
+    else:
+        density = scipy.stats.gaussian_kde(prior_projected.T)(grid.T)
+        how = f"kernel density of {PRIOR_KDE_DRAWS} draws"
+    ax.contour(grid[:, 0].reshape(CONTOUR_GRID, -1), grid[:, 1].reshape(CONTOUR_GRID, -1),
+               density.reshape(CONTOUR_GRID, -1), levels=6, colors="0.5", linewidths=0.8)
+    ax.set_xlim(low[0], high[0])
+    ax.set_ylim(low[1], high[1])
+    ax.set_xlabel(axis_names[0], fontsize=9)
+    ax.set_ylabel(axis_names[1], fontsize=9)
+    ax.set_title(f"{drawn}, {len(chosen)} test points;\nprior contours ({how})", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _gaussian_moments(d) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The mean and covariance of a Gaussian over z (a full covariance, or an
+    Independent Normal); None for any other distribution."""
+    if isinstance(d, torch.distributions.MultivariateNormal):
+        return d.loc, d.covariance_matrix
+    if (isinstance(d, torch.distributions.Independent) and d.reinterpreted_batch_ndims == 1
+            and isinstance(d.base_dist, torch.distributions.Normal)):
+        return d.mean, torch.diag_embed(d.variance)
+    return None
+
+
+def _ellipse(centre, cov, radius: float, colour="k", linestyle: str = "-"):
+    """The ellipse {z : (z - centre)^T cov^-1 (z - centre) = radius^2}."""
+    from matplotlib.patches import Ellipse
+
+    eigenvalues, eigenvectors = np.linalg.eigh(cov)  # ascending: the last is the major axis
+    angle = np.degrees(np.arctan2(eigenvectors[1, 1], eigenvectors[0, 1]))
+    return Ellipse(centre, 2 * radius * np.sqrt(eigenvalues[1]),
+                   2 * radius * np.sqrt(eigenvalues[0]), angle=angle, fill=False,
+                   edgecolor=colour, linestyle=linestyle, alpha=0.8, linewidth=1)
+
+
+def _point_colours(labels: torch.Tensor | None, n: int) -> list:
+    """One colour a point: tab10 by label, or one blue without labels."""
+    from matplotlib import colormaps
+
+    if labels is None:
+        return ["tab:blue"] * n
+    return [colormaps["tab10"](int(label) % 10) for label in labels.cpu()]
 
 
 CURVES = (  # panel title, train key, test key

@@ -2,6 +2,7 @@ import dataclasses
 import math
 
 import matplotlib.image
+import numpy as np
 import pytest
 import scipy.stats
 import torch
@@ -12,6 +13,7 @@ from pyrovae.plots import (
     FIGURE_FILES,
     QUANTILE_SAMPLES,
     pixel_size,
+    plot_latent_bubbles,
     plot_manifold,
     prior_quantiles,
     write_figures,
@@ -42,7 +44,7 @@ def test_figures_for_a_larger_latent_without_labels_or_metrics(digits, tmp_path)
     written = write_figures(tmp_path, vae, unlabelled, metrics=None)
     # no manifold (z_dim != 2), no training curves (no metrics); PCA for the scatter
     assert_figures(written, ["reconstructions", "prior_samples", "interpolation",
-                             "latent_scatter", "kl_per_dim"])
+                             "latent_scatter", "kl_per_dim", "latent_bubbles"])
 
 
 def test_figures_for_a_one_dimensional_latent(digits, tmp_path):
@@ -96,3 +98,55 @@ def test_prior_quantiles_from_draws_where_torch_has_no_icdf(prior, kwargs, froze
     for dim in range(2):
         assert (abs(quantiles[:, dim].numpy() - exact) < 5 * se).all(), (quantiles, exact, se)
     assert math.isfinite(float(quantiles.sum()))
+
+
+# ---------------------------------------------------------------- latent bubbles
+
+
+def test_bubble_ellipse_is_the_mahalanobis_contour_of_its_covariance():
+    from pyrovae.plots import _ellipse
+
+    cov = np.array([[2.0, 1.2], [1.2, 1.0]])  # tilted: off-diagonal covariance
+    centre = np.array([0.5, -1.0])
+    for radius in (1.0, 2.0):
+        angles = np.linspace(0, 2 * np.pi, 50)
+        unit_circle = np.stack([np.cos(angles), np.sin(angles)], -1)
+        # the patch maps the unit circle onto its ellipse
+        points = _ellipse(centre, cov, radius).get_patch_transform().transform(unit_circle)
+        offsets = points - centre
+        distance = np.sqrt(np.einsum("ni,ij,nj->n", offsets, np.linalg.inv(cov), offsets))
+        # float64 eigh of a 2x2 matrix of condition ~14 and one affine map: errors near 1e-15
+        assert np.allclose(distance, radius, rtol=1e-9, atol=0)
+
+
+def test_bubbles_of_a_diagonal_guide_in_2d_are_axis_aligned_with_its_scales(digits):
+    from matplotlib.patches import Ellipse
+
+    vae = VAE(digits.x_shape, z_dim=2, hidden=(16,))
+    fig = plot_latent_bubbles(vae, digits.test, digits.test_labels, seed=3, points=5)
+    ellipses = [p for p in fig.axes[0].patches if isinstance(p, Ellipse)]
+    assert len(ellipses) == 2 * 5
+    chosen = torch.randperm(len(digits.test), generator=torch.Generator().manual_seed(3))[:5]
+    with torch.no_grad():
+        scale = vae.encode(digits.test[chosen]).base_dist.scale.double().numpy()
+    for i, radius in ((i, r) for i in range(5) for r in (1, 2)):
+        patch = ellipses[2 * i + (radius - 1)]
+        # axis-aligned: the major axis is along z1 or z2, and the widths are 2 r sigma
+        assert patch.angle % 90 == pytest.approx(0, abs=1e-6) or \
+            patch.angle % 90 == pytest.approx(90, abs=1e-6)
+        axes = sorted([patch.width, patch.height])
+        assert np.allclose(axes, sorted(2 * radius * scale[i]), rtol=1e-5)
+    assert fig.axes[0].get_xlabel() == "z1"
+
+
+def test_bubbles_of_a_larger_latent_are_drawn_in_the_principal_plane(digits):
+    vae = VAE(digits.x_shape, z_dim=6, prior="laplace", guide="laplace", hidden=(16,))
+    fig = plot_latent_bubbles(vae, digits.test, None, points=4)
+    ax = fig.axes[0]
+    assert ax.get_xlabel().startswith("PC1 of the posterior means")
+    assert "draws of q(z|x)" in ax.get_title() and "kernel density" in ax.get_title()
+
+
+def test_bubbles_need_two_latent_dimensions(digits):
+    with pytest.raises(PyrovaeError, match="z_dim >= 2"):
+        plot_latent_bubbles(VAE(digits.x_shape, z_dim=1), digits.test)
