@@ -34,6 +34,30 @@ ratio in (a) is the median over rounds of the ratio of the two times in a round.
     PYROVAE_DATA_DIR=/work/shared/data python benchmarks/train_speed.py --json train_speed.json
     PYROVAE_DATA_DIR=/work/shared/data python benchmarks/train_speed.py --quick
     PYROVAE_DATA_DIR=/work/shared/data python benchmarks/train_speed.py --check-cost
+    PYROVAE_DATA_DIR=/work/shared/data python benchmarks/train_speed.py --networks
+
+(e) The networks (``--networks`` runs it alone): pyrovae's step (as the trainer
+    runs it, compiled) at batch 128 on MNIST for the default MLP, the conv network
+    (``--network conv``), and the named architectures ``conv``, ``burda-1layer``
+    and ``burda-2layer``, each with its ratio to the MLP step within a round.
+(f) The data paths (``--data-paths`` runs it alone): images per second of the
+    whole-tensor path and of the streaming path (a ``DataLoader`` reading a ``.npy``
+    file through ``np.load(mmap_mode="r")``, or a folder of PNGs) on MNIST, with 0
+    and 1 loader processes: reading an epoch's batches (dynamically binarized)
+    alone, and training an epoch (compiled step, batch 128). The data are the first
+    ``--data-images`` MNIST training images, written as a .npy file and as PNGs
+    into a temporary folder of the cache folder.
+
+    PYROVAE_DATA_DIR=/work/shared/data python benchmarks/train_speed.py --data-paths
+
+(g) The families (``--families`` runs it alone): pyrovae's step (as the trainer runs
+    it, compiled) on MNIST with 784-200-200-50 tanh networks at batch 100, for the
+    normal guide and prior, the ``full-normal`` and ``iaf`` guides and the ``mog``
+    and ``vamp`` priors (their defaults), each with its ratio to the normal step
+    within a round; and, timed alone for a few steps with the process's peak
+    memory, the ``iaf`` guide under a ``vamp`` prior of 20 components.
+
+    PYROVAE_DATA_DIR=/work/shared/data python benchmarks/train_speed.py --families
 """
 
 from __future__ import annotations
@@ -43,9 +67,11 @@ import dataclasses
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -271,6 +297,123 @@ def print_check_cost(rows, title):
               f"{r['on_over_pyrovae_step']:10.2%} {r['off_over_pyrovae_step']:11.2%}")
 
 
+# ---------------------------------------------------------------- (e) the networks
+
+NETWORK_BATCH = 128
+NETWORK_CONTENDERS = {  # name: the VAE's settings beyond x_shape
+    "mlp (default)": {},
+    "conv (--network conv)": {"network": "conv"},
+    "arch conv": "conv",
+    "arch burda-1layer": "burda-1layer",
+    "arch burda-2layer": "burda-2layer",
+}
+
+
+def measure_networks(device, args, x_all) -> list[dict]:
+    """Milliseconds per compiled trace-ELBO step of each network at batch 128, the
+    contenders alternating within each round, and each one's ratio to the MLP step."""
+    x = x_all[:NETWORK_BATCH].to(device)
+    steps = max(2, args.step_budget // NETWORK_BATCH)
+    contenders, sizes = {}, {}
+    for name, settings in NETWORK_CONTENDERS.items():
+        torch.manual_seed(0)
+        vae = (VAE.from_arch(settings, (28, 28)) if isinstance(settings, str)
+               else VAE((28, 28), **settings)).to(device)
+        sizes[name] = sum(p.numel() for p in vae.parameters())
+        optim = FusedOptim(torch.optim.Adam, {"lr": 1e-3, "fused": True})
+        contenders[name] = FusedSVI(vae.model, vae.guide, optim, make_elbo("trace", jit=True)).step
+    times = time_alternating(contenders, x, device, args.rounds, steps, args.warmup)
+    mlp = times["mlp (default)"]
+    return [{"contender": name, "batch": NETWORK_BATCH, "parameters": sizes[name],
+             "ms_per_step": 1000 * statistics.median(values),
+             "ratio_to_mlp": paired_ratio(values, mlp), "rounds": len(values),
+             "steps_per_round": steps} for name, values in times.items()]
+
+
+def print_networks(rows, title):
+    print(f"\n{title}")
+    print(f"{'network':<24} {'parameters':>10} {'ms/step':>8} {'x mlp':>6}")
+    for r in rows:
+        print(f"{r['contender']:<24} {r['parameters']:>10} {r['ms_per_step']:8.1f} "
+              f"{r['ratio_to_mlp']:6.2f}")
+
+
+# ---------------------------------------------------------------- (f) the data paths
+
+DATA_PATH_BATCH = 128
+
+
+def data_path_contenders(folder) -> dict:
+    """name: how to load the data set of that path (grey values, dynamic binarization)."""
+    npy, pngs = folder / "mnist.npy", folder / "pngs"
+
+    def loader(path, stream, workers=0):
+        return lambda: load_dataset(path, binarize="dynamic", seed=0, stream=stream,
+                                    num_workers=workers)
+    return {
+        "whole tensor (.npy)": loader(npy, False),
+        "stream .npy, 0 workers": loader(npy, True, 0),
+        "stream .npy, 1 worker": loader(npy, True, 1),
+        "stream PNGs, 0 workers": loader(pngs, True, 0),
+        "stream PNGs, 1 worker": loader(pngs, True, 1),
+    }
+
+
+def write_mnist_files(folder, images: torch.Tensor) -> None:
+    """MNIST's grey values as a .npy file, and as 8-bit PNGs (their values exactly)."""
+    import numpy as np
+    from PIL import Image
+
+    np.save(folder / "mnist.npy", images.numpy())
+    (folder / "pngs").mkdir()
+    for i, image in enumerate((images * 255).round().to(torch.uint8).numpy()):
+        Image.fromarray(image).save(folder / "pngs" / f"{i:05d}.png")
+
+
+def measure_data_paths(args, images: torch.Tensor) -> list[dict]:
+    """Images per second of each data path: an epoch of batches read alone, and an epoch
+    of training (the second of two, so that the compiled graph is recorded already);
+    the contenders alternate within each round, medians over the rounds."""
+    import tempfile
+
+    cache = default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as name:
+        folder = Path(name)
+        write_mnist_files(folder, images)
+        contenders = data_path_contenders(folder)
+        read, train = ({name: [] for name in contenders} for _ in range(2))
+        names = list(contenders)
+        for r in range(args.rounds):
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                data = contenders[name]()
+                generator = torch.Generator().manual_seed(r)
+                started = time.perf_counter()
+                seen = sum(len(x) for x in data.train_batches(DATA_PATH_BATCH, generator))
+                read[name].append(seen / (time.perf_counter() - started))
+                pyro.set_rng_seed(0)
+                vae = VAE(data.x_shape)
+                config = TrainConfig(dataset=str(folder / "mnist.npy"), binarize="dynamic",
+                                     epochs=2, batch_size=DATA_PATH_BATCH, device="cpu")
+                metrics = Trainer(vae, data, config, progress=False, callbacks=[]).fit()
+                train[name].append(seen / metrics[-1]["seconds"])
+    whole = "whole tensor (.npy)"
+    return [{"contender": name, "train_images": len(data.train), "batch": DATA_PATH_BATCH,
+             "read_images_per_s": statistics.median(read[name]),
+             "train_images_per_s": statistics.median(train[name]),
+             "train_ratio_to_whole": statistics.median(
+                 a / b for a, b in zip(train[name], train[whole])),
+             "rounds": args.rounds} for name in names]
+
+
+def print_data_paths(rows, title):
+    print(f"\n{title}")
+    print(f"{'path':<26} {'read img/s':>11} {'train img/s':>12} {'train x whole':>14}")
+    for r in rows:
+        print(f"{r['contender']:<26} {r['read_images_per_s']:11.0f} "
+              f"{r['train_images_per_s']:12.0f} {r['train_ratio_to_whole']:14.3f}")
+
+
 # ---------------------------------------------------------------- (b) the example pipeline
 
 
@@ -422,6 +565,74 @@ def measure_pipeline(device, args, data, batch_size=PIPELINE_BATCH) -> dict:
     }
 
 
+# ---------------------------------------------------------------- (g) the families
+
+FAMILY_BATCH = 100
+FAMILY_NETWORK = {"z_dim": 50, "hidden": (200, 200), "activation": "tanh"}  # Burda et al.
+FAMILY_CONTENDERS = {  # name: the VAE's families; the normal guide and prior first
+    "normal guide, normal prior": {},
+    "full-normal guide": {"guide": "full-normal"},
+    "iaf guide (2 flows)": {"guide": "iaf"},
+    "mog prior (10 components)": {"prior": "mog"},
+    "vamp prior (500 components)": {"prior": "vamp"},
+}
+FAMILY_IAF_VAMP_COMPONENTS = 20  # 500 ran out of memory (18.7 GB) on a 23 GB machine
+
+
+def measure_families(device, args, x_all) -> list[dict]:
+    """Milliseconds per SVI step, as the trainer runs it (compiled trace ELBO, fused
+    Adam), of each guide and prior family on MNIST with Burda et al.'s one-layer
+    networks (784-200-200-50, tanh) at batch 100, the contenders alternating within
+    each round, and each one's ratio to the normal guide and prior within a round."""
+    x = x_all[:FAMILY_BATCH].to(device)
+    steps = max(2, args.step_budget // FAMILY_BATCH)
+    contenders = {}
+    for name, families in FAMILY_CONTENDERS.items():
+        torch.manual_seed(0)
+        vae = VAE((28, 28), **FAMILY_NETWORK, **families).to(device)
+        vae.prior.initialize(x_all.to(device))
+        optim = FusedOptim(torch.optim.Adam, {"lr": 1e-3, "fused": True})
+        contenders[name] = FusedSVI(vae.model, vae.guide, optim, make_elbo("trace", jit=True)).step
+    times = time_alternating(contenders, x, device, args.rounds, steps, args.warmup)
+    normal = times["normal guide, normal prior"]
+    rows = [{"contender": name, "batch": FAMILY_BATCH,
+             "ms_per_step": 1000 * statistics.median(values),
+             "ratio_to_normal": paired_ratio(values, normal), "rounds": len(values),
+             "steps_per_round": steps} for name, values in times.items()]
+    # vamp over iaf components inverts the flow for every pair of z and pseudo-input:
+    # some hundred times the step, so a few steps alone (and its memory), not in the rounds
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    vae = VAE((28, 28), **FAMILY_NETWORK, guide="iaf", prior="vamp",
+              prior_kwargs={"components": FAMILY_IAF_VAMP_COMPONENTS}).to(device)
+    vae.prior.initialize(x_all.to(device))
+    step = FusedSVI(vae.model, vae.guide, FusedOptim(torch.optim.Adam, {"lr": 1e-3, "fused": True}),
+                    make_elbo("trace", jit=True)).step
+    for _ in range(2):
+        step(x)
+    sync(device)
+    started = time.perf_counter()
+    for _ in range(3):
+        step(x)
+    sync(device)
+    seconds = (time.perf_counter() - started) / 3
+    rows.append({"contender": f"iaf guide, vamp prior ({FAMILY_IAF_VAMP_COMPONENTS} components)",
+                 "batch": FAMILY_BATCH, "ms_per_step": 1000 * seconds,
+                 "ratio_to_normal": seconds / statistics.median(normal), "rounds": 1,
+                 "steps_per_round": 3, "alone": True,
+                 "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
+    return rows
+
+
+def print_families(rows, title):
+    print(f"\n{title}")
+    print(f"{'families':<40} {'ms/step':>8} {'x normal':>8}")
+    for r in rows:
+        alone = (f"  (3 steps alone; peak memory of the process {r['peak_rss_gb']:.1f} GB)"
+                 if r.get("alone") else "")
+        print(f"{r['contender']:<40} {r['ms_per_step']:8.1f} {r['ratio_to_normal']:8.2f}{alone}")
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -490,10 +701,25 @@ def main(argv=None):
     parser.add_argument("--check-cost", action="store_true",
                         help="run only (d), the cost of the model's data check per step "
                              "(about a minute on 2 cores)")
+    parser.add_argument("--networks", action="store_true",
+                        help="run only (e), the step time of the conv network and the named "
+                             "architectures against the MLP at batch 128 (about two minutes "
+                             "on 2 cores)")
+    parser.add_argument("--data-paths", action="store_true",
+                        help="run only (f), images per second of the whole-tensor and the "
+                             "streaming data paths (about two minutes on 2 cores)")
+    parser.add_argument("--families", action="store_true",
+                        help="run only (g), the step time of the full-normal and iaf guides "
+                             "and the mog and vamp priors against the normal ones on MNIST "
+                             "(about three minutes on 2 cores)")
+    parser.add_argument("--data-images", type=int, default=6000,
+                        help="MNIST training images for (f) (default %(default)s)")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device; use --device cpu.")
-    args.rounds = args.rounds or (5 if args.quick or args.check_cost else 15)
+    args.rounds = args.rounds or (5 if args.quick or args.check_cost or args.networks
+                                  or args.families else
+                                  3 if args.data_paths else 15)
     args.epochs = args.epochs or 1 if args.quick else args.epochs or 3
     args.warmup = 3 if args.quick else 10
     args.step_budget = 1280 if args.quick else 5120  # images per contender per round
@@ -507,6 +733,32 @@ def main(argv=None):
         data = dataclasses.replace(data, train=data.train[:12000])
     torch.manual_seed(0)
     x_all = torch.bernoulli(data.train[:max(TAX_BATCHES)])
+
+    if args.data_paths:
+        paths = measure_data_paths(args, data.train[:args.data_images])
+        print_data_paths(paths, f"(f) the data paths on {args.data_images} MNIST images, "
+                                f"{paths[0]['train_images']} of them "
+                                f"trained on (cpu, median of {args.rounds} rounds)")
+        results = {"environment": env, "rounds": args.rounds, "data_paths": paths}
+        write_json(args.json, results)
+        return results
+
+    if args.families:
+        families = measure_families(device, args, x_all)
+        print_families(families, f"(g) one compiled SVI step per family, batch {FAMILY_BATCH}, "
+                                 f"784-200-200-50 tanh ({device}, median of {args.rounds} "
+                                 f"rounds)")
+        results = {"environment": env, "rounds": args.rounds, "families": families}
+        write_json(args.json, results)
+        return results
+
+    if args.networks:
+        networks = measure_networks(device, args, x_all)
+        print_networks(networks, f"(e) one compiled SVI step per network, batch "
+                                 f"{NETWORK_BATCH} ({device}, median of {args.rounds} rounds)")
+        results = {"environment": env, "rounds": args.rounds, "networks": networks}
+        write_json(args.json, results)
+        return results
 
     check_cost = measure_check_cost(TAX_BATCHES, device, args, x_all)
     print_check_cost(check_cost, f"(d) the data check of VAE.model and VAE.guide per step "

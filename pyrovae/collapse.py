@@ -17,13 +17,19 @@ from __future__ import annotations
 
 import math
 
+import pyro
 import torch
+from pyro import poutine
 from torch.distributions import Distribution, kl_divergence
 
 from pyrovae.errors import PyrovaeError
-from pyrovae.vae import posterior_mean
+from pyrovae.vae import LAYER_SAMPLES
 
 ACTIVITY_THRESHOLD = 0.01  # Burda et al. (2016), section 5.2
+# the most datapoints whose aggregate posterior the mutual information takes for a guide
+# that scores another datapoint's z slowly (a flow: Guide.scoring_passes > 1)
+SLOW_MI_POINTS = 100
+MEAN_VARIANCE_DRAWS = 32  # per datapoint, for a q with no mean in closed form
 KL_METHODS = ("auto", "analytic", "monte-carlo")
 
 
@@ -32,15 +38,27 @@ KL_METHODS = ("auto", "analytic", "monte-carlo")
 
 def posterior_mean_variance(q: Distribution) -> torch.Tensor:
     """Cov_x(E_q[z_u]) for each latent dimension u: the variance over the data of q's mean
-    (a Monte Carlo mean where q has none in closed form: ``pyrovae.vae.posterior_mean``)."""
+    (where q has none in closed form, from ``MEAN_VARIANCE_DRAWS`` draws per datapoint, less
+    the variance their own noise adds)."""
     return _mean_variance(q)[0]
 
 
 def _mean_variance(q: Distribution) -> tuple[torch.Tensor, str]:
     if q.batch_shape[0] < 2:
         raise PyrovaeError("active units need the encoder's means of at least 2 datapoints.")
-    mean, method = posterior_mean(q)
-    return mean.var(dim=0), method
+    try:
+        return q.mean.var(dim=0), "closed form"
+    except NotImplementedError:
+        pass
+    # no mean in closed form (a flow): the mean of M draws per datapoint varies over the
+    # data by Cov_x(E_q[z]) plus E_x[Var_q(z)] / M; the second part, estimated from the same
+    # draws, is taken off. Unbiased with few draws, where a plain average would need
+    # hundreds to keep its noise below the activity threshold (ten times the draws'
+    # cost for a flow on MNIST's test set)
+    draws = q.sample((MEAN_VARIANCE_DRAWS,))
+    noise = draws.var(dim=0).mean(dim=0) / MEAN_VARIANCE_DRAWS
+    return draws.mean(dim=0).var(dim=0) - noise, \
+        f"monte carlo ({MEAN_VARIANCE_DRAWS} draws per datapoint, less their noise)"
 
 
 def active_units(q: Distribution, threshold: float = ACTIVITY_THRESHOLD) -> int:
@@ -73,7 +91,8 @@ def kl_per_dim(q: Distribution, prior: Distribution, method: str = "auto",
 
 
 def mutual_information(q: Distribution, num_points: int | None = 500,
-                       max_chunk_elements: int = 2 ** 22) -> tuple[float, float]:
+                       max_chunk_elements: int = 2 ** 22,
+                       aggregate: Distribution | None = None) -> tuple[float, float]:
     """I(x; z) under q, in nats, and its Monte Carlo standard error.
 
     I = E_x E_q(z|x)[log q(z|x) - log q(z)], with q(z) = (1/N) sum_n q(z|x_n)
@@ -84,8 +103,13 @@ def mutual_information(q: Distribution, num_points: int | None = 500,
 
     The mixture includes q(z_m|x_m), so the estimate never exceeds log N; it is
     exactly 0 when every q(z|x_n) is the same distribution.
+
+    ``aggregate`` (batch (N,), the same datapoints) replaces q in the mixture q(z):
+    a cheaper stand-in where q(z|x) is itself a mixture (an upper stochastic
+    layer), whose N components then make q(z) as well as its N x S would.
     """
-    n = q.batch_shape[0]
+    aggregate = q if aggregate is None else aggregate
+    n = aggregate.batch_shape[0]
     z = q.sample()
     log_q_own = q.log_prob(z)
     if num_points is not None and num_points < n:
@@ -96,7 +120,7 @@ def mutual_information(q: Distribution, num_points: int | None = 500,
     # log_prob of z shaped (chunk, 1, z_dim) broadcasts against q's batch (N,):
     # no need to slice the distribution, whatever its family.
     log_q_aggregate = torch.cat([
-        torch.logsumexp(q.log_prob(z_chunk.unsqueeze(-2)), dim=-1) - math.log(n)
+        torch.logsumexp(aggregate.log_prob(z_chunk.unsqueeze(-2)), dim=-1) - math.log(n)
         for z_chunk in z.split(chunk)])
     terms = log_q_own - log_q_aggregate
     se = float(terms.std() / math.sqrt(len(terms))) if len(terms) > 1 else float("nan")
@@ -110,10 +134,16 @@ def collapse_diagnostics(vae, x: torch.Tensor, threshold: float = ACTIVITY_THRES
 
     Keys: ``active_units`` (int), ``posterior_mean_variance`` (Cov_x(E_q[z_u])
     per dimension), ``kl_per_dim`` (nats per dimension, averaged over x),
-    ``kl_per_dim_method`` ("analytic" or "monte-carlo"), ``mutual_information``
-    and ``mutual_information_se`` (nats). Uses its own RNG stream (``seed``),
-    leaving the global one untouched.
+    ``kl_per_dim_method`` ("analytic" or "monte-carlo"; None and the reason where
+    the prior or guide does not factorize), ``mutual_information`` and
+    ``mutual_information_se`` (nats), and ``mutual_information_datapoints``, the
+    datapoints of its aggregate posterior (all of ``x``, or ``SLOW_MI_POINTS`` of
+    them for a flow guide). Uses its own RNG stream (``seed``), leaving the global
+    one untouched. A VAE with several stochastic layers gets them per layer
+    (``layer_diagnostics``).
     """
+    if len(getattr(vae, "sites", ())) > 1:
+        return layer_diagnostics(vae, x, threshold, mi_points, kl_samples, batch_size, seed)
     with vae.evaluating(seed):
         q = vae.encode(x, batch_size)
         variance, mean_method = _mean_variance(q)
@@ -121,9 +151,18 @@ def collapse_diagnostics(vae, x: torch.Tensor, threshold: float = ACTIVITY_THRES
         if factorizes(q) and factorizes(prior):
             kl, method = kl_per_dim(q, prior, kl_method, kl_samples)
             kl = kl.tolist()
-        else:  # a mixture prior, say: there is no KL of one dimension alone
-            kl, method = None, "none: the prior or guide does not factorize over dimensions"
-        mi, mi_se = mutual_information(q, mi_points)
+        else:  # a mixture prior, a full covariance, a flow: no KL of one dimension alone
+            which = " and ".join(f"the {part} ({type(d).__name__})" for part, d in
+                                 (("guide", q), ("prior", prior)) if not factorizes(d))
+            kl, method = None, f"none: {which} does not factorize over dimensions"
+        q_mi = q
+        if getattr(vae.guide_family, "scoring_passes", 1) > 1 and len(x) > SLOW_MI_POINTS:
+            # scoring z under another datapoint's q inverts a flow, many network passes:
+            # the aggregate posterior is that of a random subset (which caps the estimate
+            # at log SLOW_MI_POINTS)
+            chosen = torch.randperm(len(x), device=x.device)[:SLOW_MI_POINTS]
+            q_mi = vae.encode(x[chosen], batch_size)
+        mi, mi_se = mutual_information(q_mi, mi_points)
     return {
         "active_units": int((variance > threshold).sum()),
         "posterior_mean_variance": variance.tolist(),
@@ -132,7 +171,78 @@ def collapse_diagnostics(vae, x: torch.Tensor, threshold: float = ACTIVITY_THRES
         "kl_per_dim_method": method,
         "mutual_information": mi,
         "mutual_information_se": mi_se,
+        "mutual_information_datapoints": int(q_mi.batch_shape[0]),
     }
+
+
+def layer_diagnostics(vae, x: torch.Tensor, threshold: float = ACTIVITY_THRESHOLD,
+                      mi_points: int | None = 500, kl_samples: int = 16,
+                      batch_size: int = 1000, seed: int = 0) -> dict:
+    """The diagnostics of ``collapse_diagnostics`` for each stochastic layer of a VAE with
+    several (``vae.sites``, bottom first), on q(z_l|x) from ``vae.encode_layers``: exact
+    for z1, a mixture over draws of the layers below for the others.
+
+    Keys: ``layers`` (the site names); ``active_units``, ``posterior_mean_variance``,
+    ``kl_per_dim`` and ``mutual_information_per_layer`` (with ``_se``), one entry per
+    layer; ``mutual_information`` (with ``_se``), I(x; z1), which is also I(x; z) of
+    all the layers together, as under q the upper layers depend on x through z1 alone.
+    The KL per dimension is a Monte Carlo average (``layer_kl_per_dim``).
+    """
+    with vae.evaluating(seed):
+        layers = vae.encode_layers(x, batch_size, LAYER_SAMPLES)
+        variances = [_mean_variance(q)[0] for q in layers]
+        # q(z_l) over N datapoints: one draw of the layers below each is enough there (N
+        # components), where q(z_l|x) itself needs its LAYER_SAMPLES
+        single = vae.encode_layers(x, batch_size, 1)
+        information = [mutual_information(q, mi_points, aggregate=one)
+                       for q, one in zip(layers, single)]
+        kl = layer_kl_per_dim(vae, x, kl_samples, batch_size)
+    return {
+        "layers": list(vae.sites),
+        "active_units": [int((variance > threshold).sum()) for variance in variances],
+        "posterior_mean_variance": [variance.tolist() for variance in variances],
+        "posterior_mean_method": f"{vae.sites[0]}: closed form; above it: the mixture over "
+                                 f"{LAYER_SAMPLES} draws of the layers below",
+        "kl_per_dim": kl,
+        "kl_per_dim_method": "monte-carlo",
+        "mutual_information": information[0][0],
+        "mutual_information_se": information[0][1],
+        "mutual_information_per_layer": [mi for mi, _ in information],
+        "mutual_information_per_layer_se": [se for _, se in information],
+        "mutual_information_datapoints": int(layers[0].batch_shape[0]),
+    }
+
+
+def layer_kl_per_dim(vae, x: torch.Tensor, num_samples: int = 16, batch_size: int = 1000
+                     ) -> list[list[float] | None]:
+    """E_x E_q[log q(z_l|parent) - log p(z_l|parent)] per dimension of each stochastic
+    layer, bottom first: the ELBO's KL split over the layers' dimensions (it sums to
+    the whole KL). A Monte Carlo average over ``num_samples`` draws of every layer
+    from the guide per datapoint, as p(z_l|z_l+1) depends on a draw and has no KL in
+    closed form. None for a layer whose guide or prior does not factorize."""
+    totals = [0.0] * len(vae.sites)
+    for chunk in x.split(batch_size):
+        # the guide's draws, and the model's conditionals at them: the decoder is not needed
+        guide_trace = poutine.trace(_in_particles(vae.guide, num_samples)).get_trace(
+            chunk.to(vae.device))
+        latents = {site: guide_trace.nodes[site]["value"] for site in vae.sites}
+        priors = vae.conditional_priors(latents)
+        for index, site in enumerate(vae.sites):
+            q, p = guide_trace.nodes[site]["fn"], priors[site]
+            if totals[index] is None or not (factorizes(q) and factorizes(p)):
+                totals[index] = None
+                continue
+            terms = q.base_dist.log_prob(latents[site]) - p.base_dist.log_prob(latents[site])
+            totals[index] = totals[index] + terms.sum((0, 1))  # (samples, B, dims)
+    return [None if total is None else (total / (num_samples * len(x))).tolist()
+            for total in totals]
+
+
+def _in_particles(fn, num_samples: int):
+    def vectorized(*args):
+        with pyro.plate("particles", num_samples, dim=-2):
+            return fn(*args)
+    return vectorized
 
 
 def factorizes(d: Distribution) -> bool:

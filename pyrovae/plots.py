@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from torchvision.utils import make_grid
 
 from pyrovae.atomic import atomic_write
-from pyrovae.collapse import factorizes, kl_per_dim
+from pyrovae.collapse import factorizes, kl_per_dim, layer_kl_per_dim
 from pyrovae.errors import PyrovaeError
 from pyrovae.evaluation.diagnostics import import_arviz
 from pyrovae.evaluation.marginal import KHAT_THRESHOLD, MIN_SAMPLES_FOR_KHAT
@@ -66,8 +66,8 @@ def write_figures(run_folder, vae, dataset, metrics: list[dict] | None = None,
                   seed: int = 0) -> list[Path]:
     """Write every figure that applies into ``run_folder``; return their paths.
 
-    The manifold needs a 2-D latent, and it and the KL per dimension need a prior
-    and guide that factorize over dimensions; the training curves need
+    The manifold needs a 2-D latent, and the KL per dimension a prior and guide
+    that factorize over dimensions; the training curves need
     ``metrics`` (the list in metrics.json). The test images to show are chosen with ``seed``;
     prior draws use a private RNG stream seeded with it too.
     """
@@ -84,9 +84,11 @@ def write_figures(run_folder, vae, dataset, metrics: list[dict] | None = None,
             vae.encode(dataset.test[:2].to(vae.device)))
     if factorized:
         figures["kl_per_dim"] = lambda: plot_kl_per_dim(vae, dataset.test, seed)
-    if vae.z_dim == 2 and factorized:
+    # with several stochastic layers, q(z1|x) has no p(z1) in closed form to set it against
+    one_layer = len(getattr(vae, "sites", "z")) == 1
+    if one_layer and vae.z_dim == 2:  # the prior's quantiles alone: any prior and guide
         figures["manifold"] = lambda: plot_manifold(vae)
-    if vae.z_dim >= 2:
+    if one_layer and vae.z_dim >= 2:
         figures["latent_bubbles"] = lambda: plot_latent_bubbles(
             vae, dataset.test, dataset.test_labels, seed)
     if metrics:
@@ -127,7 +129,11 @@ def plot_prior_samples(vae, seed: int = 0, n: int = 64) -> Figure:
     """The mean image of p(x|z) for z drawn from the prior."""
     with vae.evaluating(seed):
         images = vae.sample(n).cpu()
-    return _image_figure("prior_samples", images, GRID_COLUMNS, "mean of p(x|z), z ~ p(z)")
+    sites = getattr(vae, "sites", ("z",))
+    title = "mean of p(x|z), z ~ p(z)" if len(sites) == 1 else (
+        f"mean of p(x|{sites[0]}): top layer {sites[-1]} ~ p({sites[-1]}), then each layer "
+        f"down to {sites[0]} from p(z_l|z_l+1)")
+    return _image_figure("prior_samples", images, GRID_COLUMNS, title)
 
 
 def plot_interpolation(vae, x: torch.Tensor, seed: int = 0, pairs: int = INTERPOLATION_PAIRS,
@@ -170,9 +176,16 @@ def prior_quantiles(vae, levels: torch.Tensor) -> tuple[torch.Tensor, str]:
 
     Exact through ``icdf`` where torch has it (Normal, Laplace, Exponential, and
     LogNormal through its transform); otherwise (StudentT, Gamma) estimated by
-    sorting QUANTILE_SAMPLES prior draws, as torch has no inverse CDF for them.
+    sorting QUANTILE_SAMPLES prior draws, as torch has no inverse CDF for them. A
+    prior that does not factorize (a mixture) gives each dimension's marginal
+    quantiles, from QUANTILE_SAMPLES draws of the whole z.
     """
-    base = vae.prior_distribution().base_dist
+    prior = vae.prior_distribution()
+    if not factorizes(prior):
+        draws = prior.sample((QUANTILE_SAMPLES,))
+        return (torch.quantile(draws, levels, dim=0),
+                f"marginals from {QUANTILE_SAMPLES} draws")
+    base = prior.base_dist
     try:
         return base.icdf(levels.unsqueeze(-1)), "exact"
     except NotImplementedError:
@@ -231,19 +244,22 @@ def plot_latent_scatter(vae, x: torch.Tensor, labels: torch.Tensor | None = None
     for more, and the one coordinate against the label for z_dim=1."""
     with vae.evaluating():
         z = posterior_centre(vae.encode(x, ENCODE_BATCH)).cpu().numpy()
+    size, sites = z.shape[-1], getattr(vae, "sites", ("z",))  # the bottom layer's, if several
+    # coordinate names: z1, z2 for one layer; z1[1], z1[2] where z1 names the bottom layer
+    names = ("z1", "z2") if len(sites) == 1 else (f"{sites[0]}[1]", f"{sites[0]}[2]")
     fig = _figure("latent_scatter")
     ax = fig.add_subplot()
     colours = dict(c="tab:blue") if labels is None else dict(
         c=labels.cpu().numpy(), cmap="tab10", vmin=-0.5, vmax=9.5)
-    if vae.z_dim == 1:
+    if size == 1:
         y = labels.cpu().numpy() if labels is not None else torch.zeros(len(z)).numpy()
         points = ax.scatter(z[:, 0], y, s=4, alpha=0.5, **colours)
-        ax.set_xlabel("z1")
+        ax.set_xlabel(names[0])
         ax.set_ylabel("label" if labels is not None else "")
-    elif vae.z_dim == 2:
+    elif size == 2:
         points = ax.scatter(z[:, 0], z[:, 1], s=4, alpha=0.6, **colours)
-        ax.set_xlabel("z1")
-        ax.set_ylabel("z2")
+        ax.set_xlabel(names[0])
+        ax.set_ylabel(names[1])
     else:
         from sklearn.decomposition import PCA
 
@@ -255,7 +271,9 @@ def plot_latent_scatter(vae, x: torch.Tensor, labels: torch.Tensor | None = None
         ax.set_ylabel(f"PC2 ({share[1]:.0f}% of variance)")
     if labels is not None:
         fig.colorbar(points, ax=ax, ticks=range(10), label="label")
-    ax.set_title(f"encoded test set, z_dim={vae.z_dim}", fontsize=10)
+    ax.set_title(f"encoded test set, z_dim={size}" if len(sites) == 1 else
+                 f"encoded test set: bottom layer {sites[0]} of {len(sites)}, z_dim={size}",
+                 fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -349,6 +367,7 @@ def plot_latent_bubbles(vae, x: torch.Tensor, labels: torch.Tensor | None = None
                density.reshape(CONTOUR_GRID, -1), levels=6, colors="0.5", linewidths=0.8)
     ax.set_xlim(low[0], high[0])
     ax.set_ylim(low[1], high[1])
+    ax.set_aspect("equal")  # a round bubble must look round, a tilted one tilted
     ax.set_xlabel(axis_names[0], fontsize=9)
     ax.set_ylabel(axis_names[1], fontsize=9)
     ax.set_title(f"{drawn}, {len(chosen)} test points;\nprior contours ({how})", fontsize=10)
@@ -415,15 +434,32 @@ def plot_training_curves(metrics: list[dict]) -> Figure:
 
 
 def plot_kl_per_dim(vae, x: torch.Tensor, seed: int = 0) -> Figure:
-    """E_x KL(q(z_u|x) || p(z_u)) per latent dimension u on ``x``, largest first."""
+    """E_x KL(q(z_u|x) || p(z_u)) per latent dimension u on ``x``, largest first; with
+    several stochastic layers, each layer's share of the ELBO's KL per dimension
+    (``layer_kl_per_dim``), layer by layer from the bottom, in a colour each."""
+    sites = getattr(vae, "sites", ("z",))
     with vae.evaluating(seed):
-        kl, method = kl_per_dim(vae.encode(x, ENCODE_BATCH), vae.prior_distribution())
-    kl = kl.cpu()
-    order = kl.argsort(descending=True)
+        if len(sites) == 1:
+            kl, method = kl_per_dim(vae.encode(x, ENCODE_BATCH), vae.prior_distribution())
+            layers = [("", kl.cpu())]
+        else:
+            method = "monte-carlo"
+            layers = [(f"{site}:", torch.tensor(values)) for site, values in
+                      zip(sites, layer_kl_per_dim(vae, x, batch_size=ENCODE_BATCH))
+                      if values is not None]
     fig = _figure("kl_per_dim")
     ax = fig.add_subplot()
-    ax.bar(range(len(kl)), kl[order].numpy(), color="tab:blue")
-    ax.set_xticks(range(len(kl)), [str(int(u) + 1) for u in order],
+    start, ticks = 0, []
+    for index, (prefix, layer_kl) in enumerate(layers):
+        order = layer_kl.argsort(descending=True)
+        ax.bar(range(start, start + len(order)), layer_kl[order].numpy(),
+               color=f"C{index}", label=prefix.rstrip(":") or None)
+        ticks += [f"{prefix}{int(u) + 1}" for u in order]
+        start += len(order)
+    kl = torch.cat([layer_kl for _, layer_kl in layers])
+    if len(layers) > 1:
+        ax.legend(fontsize=8)
+    ax.set_xticks(range(len(kl)), ticks,
                   fontsize=8 if len(kl) <= 32 else 5, rotation=0 if len(kl) <= 32 else 90)
     ax.set_xlabel("latent dimension (sorted)")
     ax.set_ylabel("KL (nats)")

@@ -3,9 +3,10 @@
 A run folder holds ``config.json`` (``{"model": ModelConfig, "training":
 TrainConfig}``), ``checkpoint.pt`` (the model's ``state_dict`` under
 ``"model"``, and for a training run the optimizer, epoch and RNG states),
-``metrics.json`` (one entry per epoch) and, once evaluated,
-``evaluation.json``. This module is the only one that names or opens these
-files; writes are atomic, so a crash mid-write leaves the previous file whole.
+``metrics.json`` (one entry per epoch), with ``--tensorboard`` the folder
+``tensorboard/`` of event files, and, once evaluated, ``evaluation.json``.
+This module is the only one that names or opens these files; writes are
+atomic, so a crash mid-write leaves the previous file whole.
 The figures are the plotting module's (``pyrovae.plots``).
 
 It sits at the bottom of the package: it knows the file formats, not the
@@ -15,6 +16,7 @@ VAE or the data (``pyrovae.vae.load_run`` puts them together).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import numbers
@@ -26,7 +28,14 @@ from pathlib import Path
 import torch
 
 from pyrovae.atomic import atomic_torch_save, atomic_write_json
-from pyrovae.data import STATICALLY_BINARIZED
+from pyrovae.data import (
+    DATASET_NAMES,
+    DEFAULT_TEST_SIZE,
+    FROM_TENSORS,
+    STATICALLY_BINARIZED,
+    check_dataset,
+    check_own_data_options,
+)
 from pyrovae.errors import PyrovaeError
 
 CONFIG_FILE = "config.json"
@@ -35,6 +44,7 @@ METRICS_FILE = "metrics.json"
 EVALUATION_FILE = "evaluation.json"
 AIS_FILE = "evaluation_ais.json"
 BDMC_FILE = "bdmc.json"
+TENSORBOARD_DIR = "tensorboard"  # --tensorboard: the event files of torch's SummaryWriter
 
 
 @dataclass
@@ -44,18 +54,28 @@ class ModelConfig:
     (the CLI reads them from here)."""
 
     x_shape: tuple = ()
-    z_dim: int = 20
+    z_dim: int | tuple = 20  # a list of sizes for several stochastic layers, data upward
     prior: dict = field(default_factory=lambda: {"name": "normal"})
     guide: dict = field(default_factory=lambda: {"name": "normal"})
     likelihood: dict = field(default_factory=lambda: {"name": "bernoulli"})
-    hidden: tuple = (400,)
+    hidden: tuple = (400,)  # several stochastic layers: one list per layer's block
     activation: str = "softplus"
     encoder: str = "mlp"
     decoder: str = "mlp"
+    network: str = "mlp"  # the encoder's and decoder's kind: "mlp" or "conv"
+    channels: tuple | None = None  # the conv network's channel widths, as resolved
+    # several stochastic layers: the families of p(z_l | z_l+1) and q(z_l+1 | z_l)
+    layer_prior: dict | None = None
+    layer_guide: dict | None = None
+    arch: str | None = None  # the named architecture the sizes started from
 
     def to_dict(self) -> dict:
         config = dataclasses.asdict(self)
-        config["x_shape"], config["hidden"] = list(self.x_shape), list(self.hidden)
+        config["x_shape"] = list(self.x_shape)
+        config["hidden"] = [list(n) if isinstance(n, (list, tuple)) else n for n in self.hidden]
+        for key in ("z_dim", "channels"):
+            if isinstance(getattr(self, key), (list, tuple)):
+                config[key] = list(getattr(self, key))
         return config
 
     @classmethod
@@ -66,9 +86,9 @@ class ModelConfig:
             raise PyrovaeError(f"the model config has unknown keys {unknown}; it was not written "
                                f"by this version of pyrovae.")
         values = dict(config)
-        for key in ("x_shape", "hidden"):
-            if key in values:
-                values[key] = tuple(values[key])
+        for key in ("x_shape", "hidden", "z_dim", "channels"):
+            if isinstance(values.get(key), list):
+                values[key] = tuple(tuple(n) if isinstance(n, list) else n for n in values[key])
         return cls(**values)
 
 
@@ -97,6 +117,14 @@ class TrainConfig:
     aggressive: bool = False
     aggressive_patience: int = 5  # epochs without a new highest mutual information
     jit: bool = True              # compile the step where the objective allows it
+    # your own data (docs/datasets.md), where ``dataset`` is its absolute path
+    test_data: str | None = None  # --test: the test set's file or folder
+    test_size: float | int | None = None  # --test-size: a fraction or a count (seeded split)
+    image_size: list | None = None  # --image-size, as [height, width]
+    csv_columns: list | None = None  # --csv-columns: names or 0-based numbers
+    stream: bool | None = None    # --stream/--no-stream; None: by size (STREAM_THRESHOLD_BYTES)
+    num_workers: int | None = None  # --num-workers of the streaming loader; None: the default
+    tensorboard: bool = False     # --tensorboard: metrics and image grids in RUN/tensorboard
 
     @property
     def kl_weighted(self) -> bool:
@@ -132,7 +160,31 @@ class TrainConfig:
                 f"--binarize dynamic cannot apply to {self.dataset}: it is a fixed binarization "
                 f"of MNIST, with no grey values to resample. Leave --binarize out (or use "
                 f"--binarize static) with it, or use --dataset mnist --binarize dynamic.")
+        # a typo of a data set's name, or a path that does not exist, is named here
+        self.dataset = check_dataset(self.dataset)
+        own = check_own_data_options(
+            self.dataset, test=self.test_data, test_size=self.test_size,
+            image_size=self.image_size, csv_columns=self.csv_columns, stream=self.stream,
+            binarize=self.binarize, num_workers=self.num_workers)
+        if own:
+            self.test_data, self.image_size = own["test"], own["image_size"]
+            self.csv_columns = own["csv_columns"]
+            if self.test_data is None and self.test_size is None:
+                self.test_size = DEFAULT_TEST_SIZE  # saved, so that the split stays the run's
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise PyrovaeError(
+                "--tensorboard needs the tensorboard package, which is not installed: "
+                "pip install 'pyrovae[tensorboard]' (or pip install tensorboard), or leave "
+                "--tensorboard out.")
         return self
+
+    def data_options(self) -> dict:
+        """The ``load_dataset`` keywords of this run's own data; none for a built-in set."""
+        if self.dataset in DATASET_NAMES or self.dataset == FROM_TENSORS:
+            return {}
+        return {"test": self.test_data, "test_size": self.test_size,
+                "image_size": self.image_size, "csv_columns": self.csv_columns,
+                "stream": self.stream, "num_workers": self.num_workers}
 
     def resolved_binarize(self, likelihood: str) -> str:
         """``binarize`` as given, else the default: for a data set that is already
@@ -334,6 +386,8 @@ def is_run_folder(folder) -> bool:
     from_figures = {".png"}
     own = {CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE, EVALUATION_FILE, AIS_FILE, BDMC_FILE}
     for path in Path(folder).iterdir():
+        if path.is_dir() and path.name == TENSORBOARD_DIR:
+            continue
         if path.is_dir() or (path.name not in own and path.suffix not in from_figures):
             return False
     try:

@@ -2,30 +2,34 @@
 
 Kept apart from the model: ``Trainer`` takes any ``VAE`` and ``Dataset`` and
 writes its run folder through ``pyrovae.run``. What a step does is a step
-strategy (``PlainStep``, ``AggressiveStep``); what happens after an epoch's
-steps beyond the checkpoint is a list of callbacks (``TestELBO``,
-``CollapseDiagnostics``, or the user's own), so that a new per-epoch extra is
-added without touching ``fit``.
+strategy (``PlainStep``, ``AggressiveStep``, ``DataParallelStep`` under torchrun);
+what happens after an epoch's steps beyond the checkpoint is a list of callbacks
+(``TestELBO``, ``CollapseDiagnostics``, ``TensorBoard``, or the user's own), so
+that a new per-epoch extra is added without touching ``fit``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
 import pyro
 import torch
+from pyro import poutine
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from pyrovae import run
+from pyrovae import distributed, run
 from pyrovae.collapse import collapse_diagnostics
 from pyrovae.data import Dataset
 from pyrovae.errors import NonFiniteLossError, PyrovaeError
 from pyrovae.families.kl import describe_kl_methods, kl_methods
 from pyrovae.objectives import make_elbo, why_not_compiled
-from pyrovae.run import METRICS_FILE, TrainConfig, resolve_device  # noqa: F401
+from pyrovae.run import METRICS_FILE, TENSORBOARD_DIR, TrainConfig, resolve_device  # noqa: F401
 from pyrovae.svi import FusedOptim, FusedSVI, param_names
 from pyrovae.vae import VAE, load_run
 
@@ -49,7 +53,7 @@ DIVERGENCE_FLOOR = 10.0
 # Training settings that a resumed run may change; the others define the model,
 # its data or its randomness, and a change would make another run.
 RESUMABLE = ("epochs", "lr", "batch_size", "beta", "kl_anneal", "kl_anneal_start",
-             "free_bits", "device", "jit", "data_dir")
+             "free_bits", "device", "jit", "data_dir", "stream", "num_workers", "tensorboard")
 
 
 # ---------------------------------------------------------------- per-epoch callbacks
@@ -101,8 +105,77 @@ class CollapseDiagnostics(Callback):
         metrics.update({key: diagnostics[key] for key in DIAGNOSTIC_KEYS})
 
 
+class TensorBoard(Callback):
+    """The epoch's metrics as TensorBoard scalars and, every ``image_every`` epochs (and
+    in the first and last), grids of test reconstructions and prior samples, written
+    into ``RUN/tensorboard`` by ``torch.utils.tensorboard.SummaryWriter``. It comes
+    after the callbacks whose metrics it writes. A resumed run drops what an
+    interrupted one wrote after its checkpoint (``purge_step``), so no epoch shows twice.
+    """
+
+    # metrics key -> TensorBoard tag; grouped by what they measure
+    SCALARS = {"train_elbo": "elbo/train", "test_elbo": "elbo/test", "test_iwae": "iwae/test",
+               "objective": "objective/train", "train_kl": "kl/train", "kl": "kl/test",
+               "train_recon": "recon/train", "recon": "recon/test",
+               "active_units": "collapse/active_units",
+               "mutual_information": "collapse/mutual_information"}
+    GRID_IMAGES = 32  # test images reconstructed, and prior samples, per grid
+
+    def __init__(self, image_every: int = 5):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise PyrovaeError(
+                "--tensorboard needs the tensorboard package, which is not installed: pip "
+                "install 'pyrovae[tensorboard]' (or pip install tensorboard).") from None
+        self.writer_class = SummaryWriter
+        self.image_every = image_every
+        self.writer = None
+
+    def on_epoch_end(self, trainer, metrics):
+        epoch = metrics["epoch"]
+        if self.writer is None:
+            if trainer.out is None:
+                raise PyrovaeError("TensorBoard writes into the run folder: give the Trainer "
+                                   "out=RUN.")
+            self.writer = self.writer_class(str(Path(trainer.out) / TENSORBOARD_DIR),
+                                            purge_step=epoch)
+        for key, tag in self.SCALARS.items():
+            if isinstance(metrics.get(key), (int, float)):
+                self.writer.add_scalar(tag, metrics[key], epoch)
+        self.writer.add_scalar("train/lr", trainer.optim.pt_optim_args["lr"], epoch)
+        self.writer.add_scalar("train/beta", trainer.config.beta_at(epoch), epoch)
+        if epoch == 1 or epoch % self.image_every == 0 or epoch == trainer.config.epochs:
+            self._images(trainer, epoch)
+        self.writer.flush()
+
+    def _images(self, trainer, epoch: int) -> None:
+        vae = trainer.vae
+        if not _is_image_shape(vae.x_shape):
+            return  # tabular data: no picture to draw
+        from torchvision.utils import make_grid
+
+        with vae.evaluating(seed=trainer.config.seed):  # its own draws, as the figures'
+            x = trainer.data.test[: self.GRID_IMAGES].to(vae.device)
+            recon, samples = vae.reconstruct(x), vae.sample(self.GRID_IMAGES)
+        # originals and reconstructions side by side; a likelihood's mean may leave [0, 1]
+        # (gaussian), which an image cannot show
+        pairs = torch.stack([x, recon], dim=1).flatten(0, 1)
+        for tag, images in (("images/reconstructions", pairs), ("images/samples", samples)):
+            images = images.detach().float().clamp(0, 1).cpu()
+            if images.dim() == 3:
+                images = images.unsqueeze(1)
+            self.writer.add_image(tag, make_grid(images, nrow=8, pad_value=1.0), epoch)
+
+
+def _is_image_shape(x_shape: tuple[int, ...]) -> bool:
+    """(H, W), or (C, H, W) with one or three channels."""
+    return len(x_shape) == 2 or (len(x_shape) == 3 and x_shape[0] in (1, 3))
+
+
 def default_callbacks(config: TrainConfig) -> list[Callback]:
-    return [TestELBO(config), CollapseDiagnostics()]
+    return [TestELBO(config), CollapseDiagnostics()] + ([TensorBoard()] if config.tensorboard
+                                                         else [])
 
 
 # ---------------------------------------------------------------- step strategies
@@ -155,12 +228,15 @@ class AggressiveStep:
 
     def _random_batch(self) -> torch.Tensor:
         # a fresh shuffle per batch, drawn from the trainer's generator, so that resuming
-        # replays it; train_batches also applies dynamic binarization
+        # replays it; random_batch also applies dynamic binarization
         trainer = self.trainer
         seed = int(torch.randint(2**62, (1,), generator=trainer.generator,
                                  device=trainer.device))
         generator = torch.Generator(device=trainer.device).manual_seed(seed)
-        return next(trainer.data.train_batches(trainer.config.batch_size, generator))
+        batch = trainer.data.random_batch(trainer.config.batch_size, generator)
+        if trainer.data.streamed:  # read from disk just now: not yet checked
+            trainer.vae.check_data(batch, "a random training batch")
+        return batch
 
     def keeps_on(self, epoch: int, mutual_information: float) -> bool:
         """He et al. 2019: leave aggressive mode once I(x;z) under q stops climbing. The
@@ -174,6 +250,95 @@ class AggressiveStep:
                      f"{patience} epochs).")
             return False
         return True
+
+
+class _ShardLoss(nn.Module):
+    """What DDP wraps: the VAE, whose parameters DDP keeps in step, and the objective's
+    differentiable loss of this process's block of the batch (``forward``)."""
+
+    def __init__(self, vae: VAE):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, objective) -> torch.Tensor:
+        return objective.differentiable_loss(self.vae.model, self.vae.guide, x)
+
+
+class DataParallelStep:
+    """One SVI step of data-parallel training (torchrun): each process takes its block
+    of the batch (``Dataset.train_batches(shard=...)``), and
+    ``torch.nn.parallel.DistributedDataParallel`` averages the gradients.
+
+    The design, and why. DDP must see the loss come out of the module it wraps and
+    run the backward itself, so the wrapped module's ``forward`` returns the
+    objective's ``differentiable_loss`` of the block, as Pyro's ``ELBOModule``
+    (``Trace_ELBO()(model, guide)``) does. ``ELBOModule`` itself takes a model and a
+    guide that are modules; the VAE's are methods of one module, so the VAE is what
+    is wrapped here. Pyro's ``module_local_params`` setting is not needed: it
+    concerns ``PyroModule`` parameters, while the VAE registers plain ``nn.Module``s
+    with ``pyro.module``, whose entries in the global param store are the modules'
+    own ``Parameter`` objects. The store, DDP and the optimizer thus share one set of
+    tensors: DDP broadcasts rank 0's values into them and averages their gradients,
+    ``FusedOptim`` steps them by their param-store names, and the checkpoint has
+    the same format for one process and many (a run may resume with another number).
+
+    Each process's loss is multiplied by the number of processes: DDP averages the
+    gradients, so that their sum, the gradient of the whole batch's loss, is what the
+    optimizer gets, as in one process, even where the last batch splits unevenly.
+    The factor multiplies the loss (each datapoint's term of the objective), not the
+    sites: a ``poutine.scale`` would land inside IWAE's log-mean-exp. A process whose
+    block is empty (a last batch smaller than the number of processes) still joins
+    the gradient average, with a zero-weighted loss of one test datapoint.
+
+    The step is eager: the compiled step (``CompiledTerms``) runs its backward inside
+    the call of its graph, before DDP could see the loss.
+    """
+
+    def __init__(self, trainer: "Trainer"):
+        self.trainer = trainer
+        self.world_size = distributed.world_size()
+        # the zero-weighted steps and the probe below record their terms here, not in the
+        # metrics
+        self.spare = trainer.make_objective()
+        module = _ShardLoss(trainer.vae)
+        device = trainer.device
+        self.module = DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=self._has_unused_parameters(module))
+        self.params: list[torch.Tensor] | None = None  # found in the first step, as FusedSVI does
+        self.traced: list[torch.Tensor] = []
+
+    def _has_unused_parameters(self, module: _ShardLoss) -> bool:
+        """Whether some parameter gets no gradient from the loss: then DDP must look for
+        them in every step (it costs a walk of the graph), or it would wait for them."""
+        probe = self.trainer.data.test[:1]
+        params = [p for p in module.parameters() if p.requires_grad]
+        devices = [probe.device] if probe.is_cuda else []
+        with torch.random.fork_rng(devices=devices):
+            loss = module(probe, self.spare)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        self.spare.take_terms()
+        pyro.clear_param_store()  # registered again, by name, in the first step
+        return any(g is None for g in grads)
+
+    def __call__(self, x: torch.Tensor) -> float:
+        objective, weight = self.trainer.elbo, float(self.world_size)
+        if len(x) == 0:
+            x, objective, weight = self.trainer.data.test[:1], self.spare, 0.0
+        if self.params is None:  # with Pyro's validation, and finding the parameters
+            with poutine.trace(param_only=True) as capture:
+                loss = self.module(x, objective)
+            params = {name: site["value"].unconstrained()
+                      for name, site in capture.trace.nodes.items()}
+            self.traced = self.params = list(params.values())
+        else:
+            with pyro.validation_enabled(False):
+                loss = self.module(x, objective)
+        (loss * weight).backward()
+        self.trainer.optim(self.params)
+        for p in self.traced:
+            p.grad = None
+        return float(loss.detach()) if weight else 0.0
 
 
 # ---------------------------------------------------------------- the trainer
@@ -195,19 +360,36 @@ class Trainer:
     The trainer owns Pyro's global param store while it runs: it clears it on
     start, because ``pyro.module`` would otherwise hand SVI stale parameters of
     an earlier model registered under the same names. ``callbacks`` default to
-    the test ELBO and the collapse diagnostics.
+    the test ELBO and the collapse diagnostics (and TensorBoard with
+    ``config.tensorboard``).
+
+    Under torchrun (a ``torch.distributed`` process group of several processes,
+    ``pyrovae.distributed``) it trains data-parallel: every process builds the same
+    Trainer on the same folder; each takes its block of every batch, and only rank 0
+    writes the run folder, logs and runs the callbacks.
     """
 
     def __init__(self, vae: VAE, data: Dataset, config: TrainConfig, out=None,
                  progress: bool = True, callbacks: list[Callback] | None = None,
                  overwrite: bool = False, _resuming: bool = False):
         config.validate()
+        if hasattr(vae, "check_objective"):  # several stochastic layers refuse some objectives
+            vae.check_objective(config.elbo, config.estimator)
         self.config = config
-        self.device = resolve_device(config.device)
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.device = distributed.local_device(resolve_device(config.device))
+        if self.world_size > 1:
+            self._check_data_parallel(config)
+            distributed.quiet_other_ranks(log)
+        if config.tensorboard and out is None:
+            raise PyrovaeError("--tensorboard (TrainConfig(tensorboard=True)) writes into the "
+                               "run folder: give the Trainer out=RUN.")
         if out is not None and not _resuming:
             # before any work: a folder that cannot be written, or one holding another
             # run's or the user's files, is refused now, not after an epoch
-            run.claim_folder(out, overwrite)
+            with distributed.rank_zero_first():
+                if self.rank == 0:
+                    run.claim_folder(out, overwrite)
         self.vae = vae.to(self.device)
         self.data = data.to(self.device)
         self.out = Path(out) if out is not None else None
@@ -235,10 +417,30 @@ class Trainer:
         c = self.config
         if not c.jit:
             return "jit is off"
+        if self.world_size > 1:
+            return ("data-parallel training: DDP must see the loss before its backward, which "
+                    "the compiled step runs inside its graph")
         return why_not_compiled(c.elbo, c.estimator, c.kl_weighted)
+
+    @staticmethod
+    def _check_data_parallel(config: TrainConfig) -> None:
+        """What data-parallel training cannot make the same objective as one process."""
+        if config.aggressive:
+            raise PyrovaeError(
+                "--aggressive steps the guide and the model apart on batches of their own, "
+                "which data-parallel training does not split among processes; train it in "
+                "one process (python -m pyrovae train, without torchrun).")
+        if config.free_bits > 0:
+            raise PyrovaeError(
+                "--free-bits clamps the KL averaged over the whole batch, and each process "
+                "would clamp its own block's average, another objective; train with free "
+                "bits in one process (without torchrun), or leave --free-bits out.")
 
     # ------------------------------------------------------------ set-up
     def _check_data(self):
+        if self.data.streamed:  # its training batches are checked as they are read
+            self.vae.check_data(self.data.test, "test set")
+            return
         if self.data.binarize == "dynamic":  # stored grey; bernoulli draws are binary
             sample = next(self.data.train_batches(self.config.batch_size, torch.Generator(
                 device=self.device).manual_seed(0)))
@@ -252,15 +454,27 @@ class Trainer:
         if self.out is None:
             return
         self._save_checkpoint(interrupted_at_step)
-        run.write_metrics(self.out, self.metrics)
+        if self.rank == 0:
+            run.write_metrics(self.out, self.metrics)
 
-    def _save_checkpoint(self, interrupted_at_step: int | None = None):
-        if self.out is None:
-            return
-        run.write_config(self.out, self.vae.config, self.config)
-        rng = {"torch": torch.get_rng_state(), "generator": self.generator.get_state()}
+    def _process_rng(self) -> dict:
+        rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def _save_checkpoint(self, interrupted_at_step: int | None = None):
+        """Every process calls it: each one's Monte Carlo stream is saved (rank 0's, and
+        under data-parallel training all of them), so that a resumed run replays them."""
+        if self.out is None:
+            return
+        processes = distributed.all_gather(self._process_rng())
+        if self.rank != 0:
+            return
+        run.write_config(self.out, self.vae.config, self.config)
+        rng = {**processes[0], "generator": self.generator.get_state()}
+        if self.world_size > 1:
+            rng["processes"] = processes
         aggressive = self.aggressive
         run.write_checkpoint(self.out, {
             "model": self.vae.state_dict(),
@@ -286,6 +500,12 @@ class Trainer:
         config = run.read_train_config(folder)
         changes.update({key: value for key, value in
                         (("epochs", epochs), ("device", device), ("jit", jit)) if value is not None})
+        # the saved paths are absolute, and one size means a square image
+        for key in ("dataset", "test_data"):
+            if isinstance(changes.get(key), (str, os.PathLike)) and Path(changes[key]).exists():
+                changes[key] = str(Path(changes[key]).expanduser().resolve())
+        if isinstance(changes.get("image_size"), (list, tuple)) and len(changes["image_size"]) == 1:
+            changes["image_size"] = list(changes["image_size"]) * 2
         fixed = sorted(key for key, value in changes.items()
                        if key not in RESUMABLE and getattr(config, key, object()) != value)
         if fixed:
@@ -301,7 +521,7 @@ class Trainer:
         for key, value in changes.items():
             if before[key] != value:
                 log.info(f"{key} {before[key]} → {value} from epoch {checkpoint['epoch'] + 1}")
-        vae, data, _ = load_run(folder, config.data_dir)
+        vae, data, _ = load_run(folder, config.data_dir, config=config)
         trainer = cls(vae.train(), data, config, out=folder, progress=progress, _resuming=True)
         trainer.saved_epoch = checkpoint["epoch"]
         trainer.optim.set_state(checkpoint["optimizer"])
@@ -310,12 +530,32 @@ class Trainer:
             saved = checkpoint["aggressive"]
             trainer.aggressive = AggressiveStep(trainer, saved["mutual_info"]) \
                 if saved["on"] else None
-        torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
-        trainer.generator.set_state(checkpoint["rng"]["generator"].cpu())
-        if "cuda" in checkpoint["rng"] and trainer.device.type == "cuda":
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"].cpu(), trainer.device)
+        trainer._restore_rng(checkpoint["rng"])
         trainer.metrics = [m for m in run.read_metrics(folder) if m["epoch"] <= trainer.epoch]
         return trainer
+
+    def _restore_rng(self, saved: dict) -> None:
+        """The data order's generator, the same on every process, and this process's own
+        Monte Carlo stream: as saved where the run had as many processes, else (a run
+        resumed on another number of processes) a new independent stream for each
+        process but rank 0, which the log names."""
+        self.generator.set_state(saved["generator"].cpu())
+        processes = saved.get("processes", [saved])
+        if len(processes) == self.world_size or self.rank == 0:
+            mine = processes[self.rank]
+        else:
+            seed = distributed.stream_seed(self.config.seed + self.epoch, self.rank)
+            mine = {"torch": torch.Generator().manual_seed(seed).get_state()}
+        if len(processes) != self.world_size and self.world_size > 1 and self.rank == 0:
+            log.info(f"the run was saved by {len(processes)} process(es) and resumes on "
+                     f"{self.world_size}: processes 1 to {self.world_size - 1} draw new Monte "
+                     f"Carlo streams (the data order and rank 0's stay as saved).")
+        torch.set_rng_state(mine["torch"].cpu())
+        if "cuda" in mine and self.device.type == "cuda":
+            torch.cuda.set_rng_state(mine["cuda"].cpu(), self.device)
+        elif self.device.type == "cuda" and len(processes) != self.world_size:
+            torch.cuda.manual_seed(distributed.stream_seed(self.config.seed + self.epoch,
+                                                           self.rank))
 
     # ------------------------------------------------------------ loop
     def fit(self) -> list[dict]:
@@ -325,6 +565,8 @@ class Trainer:
         """
         if self.epoch == 0:  # a resumed run restores the RNG from its checkpoint instead
             pyro.set_rng_seed(self.config.seed)
+            if self.rank:  # each process its own Monte Carlo stream; the data order is shared
+                torch.manual_seed(distributed.stream_seed(self.config.seed, self.rank))
         pyro.clear_param_store()
         self.interrupted = False
         plain = PlainStep(self)
@@ -334,6 +576,11 @@ class Trainer:
         why_eager = self._why_eager()
         log.info("step: compiled by pyro.ops.jit, one graph per batch shape" if why_eager is None
                  else f"step: eager ({why_eager})")
+        parallel = DataParallelStep(self) if self.world_size > 1 else None
+        if parallel:
+            log.info(f"data-parallel training on {self.world_size} processes "
+                     f"({torch.distributed.get_backend()}): each takes its block of every batch "
+                     f"of {self.config.batch_size}")
         while self.epoch < self.config.epochs:
             epoch = self.epoch + 1
             started = time.perf_counter()
@@ -343,7 +590,7 @@ class Trainer:
                     objective.beta = beta
             aggressive = self.aggressive
             try:
-                train = self._train_epoch(aggressive or plain, epoch)
+                train = self._train_epoch(parallel or aggressive or plain, epoch)
             except _Interrupted as interrupt:
                 return self._interrupted(epoch, interrupt.step)
             except _Diverged as diverged:
@@ -361,7 +608,7 @@ class Trainer:
             # is interrupted cannot lose them
             self._save_checkpoint()
             try:
-                for callback in self.callbacks:
+                for callback in self.callbacks if self.rank == 0 else ():
                     self._run_callback(callback, metrics)
             except KeyboardInterrupt:
                 self.metrics.append(metrics)
@@ -395,8 +642,13 @@ class Trainer:
             metrics.setdefault("failed_extras", {})[name] = f"{type(error).__name__}: {error}"
 
     def _interrupted(self, epoch: int, step: int) -> list[dict]:
-        self._save(interrupted_at_step=step)
         self.interrupted = True
+        if self.world_size > 1:
+            # the processes stop at different steps, and saving would wait for all of them
+            log.warning(f"interrupted in epoch {epoch}; the checkpoint of epoch {self.epoch} "
+                        f"is kept" + (f" in {self.out}" if self.out else "") + ".")
+            return self.metrics
+        self._save(interrupted_at_step=step)
         log.info(f"interrupted in epoch {epoch} at step {step}; checkpoint saved"
                  + (f" in {self.out}" if self.out else "") + ".")
         return self.metrics
@@ -424,26 +676,35 @@ class Trainer:
         self.vae.train()
         self.elbo.take_terms()  # drops what an interrupted epoch recorded
         total_loss, n_seen = 0.0, 0
-        batches = self.data.train_batches(self.config.batch_size, self.generator)
+        shard = (self.rank, self.world_size) if self.world_size > 1 else None
+        batches = self.data.train_batches(self.config.batch_size, self.generator, shard=shard)
         num_batches = self.data.num_batches(self.config.batch_size)
         bar = tqdm(batches, total=num_batches, desc=f"epoch {epoch}", leave=False,
-                   disable=not self.progress)
+                   disable=not self.progress or self.rank != 0)
         index = 0
         try:
             for index, x in enumerate(bar, start=1):
-                loss = step(x)
-                self._check_loss(loss, x.shape[0], index)
+                if self.data.streamed and len(x):  # read from disk just now: not yet checked
+                    self.vae.check_data(x, f"training batch {index} of epoch {epoch}")
+                loss, n = step(x), x.shape[0]
+                if shard:  # the whole batch's, the same on every process (which stop together)
+                    loss, n = distributed.all_reduce_sum([loss, n], self.device)
+                self._check_loss(loss, n, index)
                 total_loss += loss
-                n_seen += x.shape[0]
+                n_seen += n
         except KeyboardInterrupt:
             raise _Interrupted(index) from None
-        return per_datapoint(self.elbo, total_loss, n_seen)
+        terms = self.elbo.take_terms()
+        if shard:
+            recon, elbo = distributed.all_reduce_sum([terms["recon"], terms["elbo"]], self.device)
+            terms = {"recon": recon, "elbo": elbo}
+        return per_datapoint(self.elbo, total_loss, n_seen, terms)
 
 
-def per_datapoint(objective, total_loss: float, n: int) -> dict:
+def per_datapoint(objective, total_loss: float, n: int, terms: dict | None = None) -> dict:
     """The objective's recorded terms (which it then forgets) and loss, in nats per
-    datapoint."""
-    terms = objective.take_terms()
+    datapoint; or ``terms`` where they were taken already."""
+    terms = objective.take_terms() if terms is None else terms
     recon, elbo = float(terms["recon"]) / n, float(terms["elbo"]) / n
     return {"elbo": elbo, "recon": recon, "kl": recon - elbo, "objective": -total_loss / n}
 

@@ -24,53 +24,94 @@ from pyrovae.families import (
     GUIDES,
     LIKELIHOODS,
     PRIORS,
+    Prior,
     check_supports,
     make_guide,
     make_likelihood,
     make_prior,
 )
 from pyrovae.families.base import check_positive_int
-from pyrovae.networks import MLPDecoder, MLPEncoder, check_hidden
+from pyrovae.networks import (
+    MLPEncoder,
+    check_channels,
+    check_layer_hidden,
+    check_network,
+    check_z_dims,
+    lookup_architecture,
+    make_decoder,
+    make_encoder,
+)
 from pyrovae.run import CHECKPOINT_FILE, CONFIG_FILE, ModelConfig, TrainConfig  # noqa: F401
 
 _DEFAULTS = ModelConfig()
+# draws of the layers below that make q(z_l|x) of an upper layer a mixture (encode_layers)
+LAYER_SAMPLES = 16
 
 
 class VAE(nn.Module):
     """A variational autoencoder with swappable prior, guide, likelihood and networks.
 
     Families are given by registered name (with ``*_kwargs``) or as objects;
-    ``encoder`` and ``decoder`` replace the MLPs (see ``pyrovae.networks`` for
-    the shapes they must map between).
+    ``network`` picks the encoder and decoder by name (``"mlp"`` or ``"conv"``,
+    with ``channels``), and ``encoder`` and ``decoder`` replace them (see
+    ``pyrovae.networks`` for the shapes they must map between).
+
+    Several stochastic layers: ``z_dim=(100, 50)`` gives z1 of 100 next to the data
+    and z2 of 50 above it, the model p(z2) p(z1|z2) p(x|z1) and the bottom-up
+    guide q(z1|x) q(z2|z1) (Burda et al. 2016), each a sample site (``"z1"``,
+    ``"z2"``) in the data plate. ``prior`` is p(z_L) at the top and ``guide`` is
+    q(z1|x); the conditionals p(z_l|z_l+1) and q(z_l+1|z_l) are the guide
+    families named by ``layer_prior`` and ``layer_guide``, on MLPs whose hidden
+    sizes are the block of ``hidden`` between the two layers. One layer keeps
+    the single site ``"z"``. See docs/networks.md.
     """
 
-    def __init__(self, x_shape, z_dim: int = _DEFAULTS.z_dim, prior="normal", guide="normal",
-                 likelihood="bernoulli", hidden=_DEFAULTS.hidden,
+    def __init__(self, x_shape, z_dim: int | tuple = _DEFAULTS.z_dim, prior="normal",
+                 guide="normal", likelihood="bernoulli", hidden=_DEFAULTS.hidden,
                  activation=_DEFAULTS.activation,
                  encoder: nn.Module | None = None, decoder: nn.Module | None = None,
-                 prior_kwargs=None, guide_kwargs=None, likelihood_kwargs=None):
+                 prior_kwargs=None, guide_kwargs=None, likelihood_kwargs=None,
+                 network: str = _DEFAULTS.network, channels=None,
+                 layer_prior: str = "normal", layer_guide: str = "normal",
+                 layer_prior_kwargs=None, layer_guide_kwargs=None):
         super().__init__()
         if isinstance(x_shape, (str, bytes)) or not hasattr(x_shape, "__iter__"):
             raise PyrovaeError(f"x_shape must be a tuple of image sizes such as (28, 28), "
                                f"got {x_shape!r}.")
         self.x_shape = tuple(check_positive_int(n, f"each size of x_shape {tuple(x_shape)}")
                              for n in x_shape)
-        self.z_dim = check_positive_int(z_dim, "--z-dim (z_dim)")
-        hidden = check_hidden(hidden)
-        self.prior = make_prior(prior, self.z_dim, **(prior_kwargs or {}))
-        self.guide_family = make_guide(guide, self.z_dim, **(guide_kwargs or {}))
+        self.z_dims = check_z_dims(z_dim)
+        # one stochastic layer keeps the int z_dim and the site "z" of every earlier run
+        self.z_dim = self.z_dims[0] if len(self.z_dims) == 1 else self.z_dims
+        self.sites = ("z",) if len(self.z_dims) == 1 else tuple(
+            f"z{layer}" for layer in range(1, len(self.z_dims) + 1))
+        blocks = check_layer_hidden(hidden, len(self.z_dims))
+        check_network(network, channels)
+        if network == "conv" and (encoder is None or decoder is None):
+            channels = check_channels(channels, self.x_shape)
+        self.prior = make_prior(prior, self.z_dims[-1], **(prior_kwargs or {}))
+        self.guide_family = make_guide(guide, self.z_dims[0], **(guide_kwargs or {}))
         self.likelihood = make_likelihood(likelihood, self.x_shape, **(likelihood_kwargs or {}))
-        check_supports(self.guide_family, self.prior)
-        self.encoder = encoder or MLPEncoder(
-            self.x_shape, self.z_dim, self.guide_family.num_params, hidden, activation)
-        self.decoder = decoder or MLPDecoder(
-            self.x_shape, self.z_dim, self.likelihood.num_params, hidden, activation)
+        self.encoder = encoder or make_encoder(
+            network, self.x_shape, self.guide_family.raw_shape, blocks[0], activation, channels)
+        self.decoder = decoder or make_decoder(
+            network, self.x_shape, self.z_dims[0], self.likelihood.num_params, blocks[0],
+            activation, channels)
+        self._build_layers(blocks, activation, layer_prior, layer_guide,
+                           layer_prior_kwargs or {}, layer_guide_kwargs or {})
+        # a prior made of the encoder (vamp) takes it here, before its parameters count below
+        self.prior.attach(self.encode, self.x_shape, self.likelihood.support)
+        stacked = len(self.z_dims) > 1
         self.config = ModelConfig(
             x_shape=self.x_shape, z_dim=self.z_dim,
             prior=_family_config(self.prior), guide=_family_config(self.guide_family),
-            likelihood=_family_config(self.likelihood), hidden=tuple(hidden),
-            activation=activation, encoder="mlp" if encoder is None else "custom",
-            decoder="mlp" if decoder is None else "custom").to_dict()
+            likelihood=_family_config(self.likelihood),
+            hidden=blocks if stacked else blocks[0],
+            activation=activation, encoder=network if encoder is None else "custom",
+            decoder=network if decoder is None else "custom", network=network,
+            channels=channels if network == "conv" else None,
+            layer_prior=_family_config(self.layer_priors[0]) if stacked else None,
+            layer_guide=_family_config(self.layer_guides[0]) if stacked else None).to_dict()
         # pyro.module walks every parameter on each call: register only the
         # families that own parameters, decided once here.
         self._model_modules = [("decoder", self.decoder)] + [
@@ -78,6 +119,50 @@ class VAE(nn.Module):
             if m.has_parameters]
         self._guide_modules = [("encoder", self.encoder)] + (
             [("guide_family", self.guide_family)] if self.guide_family.has_parameters else [])
+        if stacked:
+            self._model_modules += [("down_nets", self.down_nets)] + (
+                [("layer_priors", self.layer_priors)] if any(
+                    family.has_parameters for family in self.layer_priors) else [])
+            self._guide_modules += [("up_nets", self.up_nets)] + (
+                [("layer_guides", self.layer_guides)] if any(
+                    family.has_parameters for family in self.layer_guides) else [])
+
+    def _build_layers(self, blocks, activation, layer_prior, layer_guide, layer_prior_kwargs,
+                      layer_guide_kwargs) -> None:
+        """The conditionals between the stochastic layers, and the support checks of
+        every latent's guide against its prior. ``down_nets[l]`` maps z_l+2 to the raw
+        output of p(z_l+1 | z_l+2) and ``up_nets[l]`` maps z_l+1 to that of
+        q(z_l+2 | z_l+1) (0-based l): both through the hidden block between them."""
+        sizes = self.z_dims
+        self.layer_priors, self.layer_guides = nn.ModuleList(), nn.ModuleList()
+        self.down_nets, self.up_nets = nn.ModuleList(), nn.ModuleList()
+        self._conditional_priors, self._conditional_guides = [], []  # in sampling order
+        if len(sizes) == 1:
+            check_supports(self.guide_family, self.prior)
+            return
+        for kind, name in (("layer_prior", layer_prior), ("layer_guide", layer_guide)):
+            if not isinstance(name, str):
+                raise PyrovaeError(
+                    f"{kind} must be the registered name of a guide family (one is built for "
+                    f"each layer, of that layer's size), got {type(name).__name__}; register "
+                    f"your family with register_guide and pass its name.")
+        if type(self.prior).attach is not Prior.attach:
+            raise PyrovaeError(
+                f"the {self.prior.name!r} prior is made of q(z|x), but with several stochastic "
+                f"layers the top layer's q(z_L|x) has no closed form; use a prior that does "
+                f"not use the encoder (normal, laplace, mog, ...), or one stochastic layer.")
+        for below, above, block in zip(sizes[:-1], sizes[1:], blocks[1:]):
+            self.layer_priors.append(make_guide(layer_prior, below, **layer_prior_kwargs))
+            self.layer_guides.append(make_guide(layer_guide, above, **layer_guide_kwargs))
+            self.down_nets.append(MLPEncoder((above,), self.layer_priors[-1].raw_shape, block,
+                                             activation))
+            self.up_nets.append(MLPEncoder((below,), self.layer_guides[-1].raw_shape, block,
+                                           activation))
+        for q, p in zip([self.guide_family, *self.layer_guides], [*self.layer_priors, self.prior]):
+            check_supports(q, p)
+        self._conditional_guides = list(zip(self.sites[1:], self.layer_guides, self.up_nets))
+        self._conditional_priors = list(zip(self.sites[:-1], self.layer_priors,
+                                            self.down_nets))[::-1]
 
     # ------------------------------------------------------------ Pyro
     def model(self, x: torch.Tensor) -> None:
@@ -85,7 +170,9 @@ class VAE(nn.Module):
         for name, module in self._model_modules:
             pyro.module(name, module)
         with data_plate(x):
-            z = pyro.sample("z", self.prior(x))
+            z = pyro.sample(self.sites[-1], self.prior(x))
+            for site, family, net in self._conditional_priors:  # top down to z1
+                z = pyro.sample(site, family(net(z)))
             pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
 
     def guide(self, x: torch.Tensor) -> None:
@@ -93,7 +180,9 @@ class VAE(nn.Module):
         for name, module in self._guide_modules:
             pyro.module(name, module)
         with data_plate(x):
-            pyro.sample("z", self.guide_family(self.encoder(x)))
+            z = pyro.sample(self.sites[0], self.guide_family(self.encoder(x)))
+            for site, family, net in self._conditional_guides:  # bottom up from z1
+                z = pyro.sample(site, family(net(z)))
 
     # ------------------------------------------------------------ helpers
     @property
@@ -126,11 +215,58 @@ class VAE(nn.Module):
         return self.decode_mean(posterior_centre(self.encode(x)))
 
     def sample(self, n: int) -> torch.Tensor:
-        """Mean images of p(x|z) for z drawn from the prior."""
-        return self.decode_mean(self.prior_distribution().sample((n,)))
+        """Mean images of p(x|z) for z drawn from the prior (with several stochastic
+        layers: z_L from the top prior, then each z_l from p(z_l|z_l+1) down to z1)."""
+        return self.decode_mean(self.sample_latents(n)[self.sites[0]])
+
+    def sample_latents(self, n: int) -> dict[str, torch.Tensor]:
+        """``n`` ancestral draws of every latent site from the model, by site name."""
+        z = self.prior_distribution().sample((n,))
+        latents = {self.sites[-1]: z}
+        for site, family, net in self._conditional_priors:
+            z = latents[site] = family(net(z)).sample()
+        return latents
+
+    def conditional_priors(self, latents: dict[str, torch.Tensor]
+                           ) -> dict[str, torch.distributions.Distribution]:
+        """The model's distribution of each latent site given the values of the layers
+        above it in ``latents``: p(z_L) at the top, p(z_l | z_l+1) below, by site name."""
+        top = self.sites[-1]
+        priors = {top: self.prior(latents[top])}
+        for above, (site, family, net) in zip(self.sites[::-1], self._conditional_priors):
+            priors[site] = family(net(latents[above]))
+        return priors
+
+    def encode_layers(self, x: torch.Tensor, batch_size: int | None = None,
+                      samples: int = LAYER_SAMPLES) -> list[torch.distributions.Distribution]:
+        """q(z_l|x) of each stochastic layer, bottom first, each with batch shape (N,).
+
+        q(z1|x) is the guide's own. Above it q(z_l|x), the average of
+        q(z_l|z_l-1) over the layers below, has no closed form: it is the mixture
+        of q(z_l|z_l-1) over ``samples`` ancestral draws of them for each
+        datapoint (a ``MixtureSameFamily``, exact as ``samples`` grows).
+        """
+        bottom = self.encode(x, batch_size)
+        if len(self.sites) == 1:
+            return [bottom]
+        raws = [[] for _ in self._conditional_guides]
+        z = bottom.sample((samples,)).transpose(0, 1)  # (N, samples, z1)
+        for raw, (_, family, net) in zip(raws, self._conditional_guides):
+            raw.extend(net(chunk) for chunk in (z.split(batch_size) if batch_size else (z,)))
+            z = family(torch.cat(raw)).sample()
+        weights = torch.zeros(z.shape[:2], dtype=z.dtype, device=z.device)
+        return [bottom] + [
+            torch.distributions.MixtureSameFamily(
+                torch.distributions.Categorical(logits=weights), family(torch.cat(raw)))
+            for raw, (_, family, _) in zip(raws, self._conditional_guides)]
+
+    def check_objective(self, elbo: str, estimator: str = "reparam") -> None:
+        """Refuse an objective that would be biased on this VAE (``check_layered_objective``)."""
+        check_layered_objective(len(self.sites), elbo, estimator)
 
     def prior_distribution(self) -> torch.distributions.Distribution:
-        """p(z) on the VAE's device and dtype. A prior may take a tensor for them
+        """p(z) on the VAE's device and dtype (with several stochastic layers, the top
+        layer's p(z_L)). A prior may take a tensor for them
         (``forward(self, like)``, as user priors written for pyrovae 0.1 do); which
         tensor does not matter."""
         return self.prior(next(self.parameters()))
@@ -235,8 +371,11 @@ class VAE(nn.Module):
     def from_config(cls, config: dict, **overrides) -> "VAE":
         parsed = ModelConfig.from_dict(config)
         kwargs = dict(x_shape=parsed.x_shape, z_dim=parsed.z_dim,
-                      hidden=parsed.hidden, activation=parsed.activation)
-        for part in ("prior", "guide", "likelihood"):
+                      hidden=parsed.hidden, activation=parsed.activation,
+                      network=parsed.network, channels=parsed.channels)
+        for part in ("prior", "guide", "likelihood", "layer_prior", "layer_guide"):
+            if getattr(parsed, part) is None:  # the layer families of one stochastic layer
+                continue
             spec = dict(getattr(parsed, part))
             kwargs[part] = spec.pop("name")
             kwargs[f"{part}_kwargs"] = spec
@@ -250,7 +389,19 @@ class VAE(nn.Module):
             if part in overrides and f"{part}_kwargs" in kwargs:
                 kwargs[f"{part}_kwargs"] = None
         kwargs.update(overrides)
-        return cls(**kwargs)
+        vae = cls(**kwargs)
+        vae.config["arch"] = parsed.arch
+        return vae
+
+    @classmethod
+    def from_arch(cls, name: str, x_shape, **overrides) -> "VAE":
+        """The VAE of a published architecture (``pyrovae.networks.ARCHITECTURES``:
+        kingma-welling, burda-1layer, burda-2layer, conv); ``overrides`` replace its
+        sizes or add families (``z_dim=10``, ``likelihood="gaussian"``). config.json
+        keeps the resolved sizes and the name."""
+        vae = cls(x_shape, **{**lookup_architecture(name).settings(), **overrides})
+        vae.config["arch"] = name
+        return vae
 
     @classmethod
     def load(cls, folder, map_location="cpu", **overrides) -> "VAE":
@@ -273,16 +424,38 @@ class VAE(nn.Module):
         return vae.eval()
 
 
-def load_run(folder, data_dir: str | None = None, device="cpu") -> tuple[VAE, Dataset, TrainConfig]:
+def load_run(folder, data_dir: str | None = None, device="cpu", config: TrainConfig | None = None
+             ) -> tuple[VAE, Dataset, TrainConfig]:
     """A run folder's trained VAE (in eval mode, on ``device``), its data set as
-    training loaded it (same binarization and seed), and its TrainConfig."""
-    config = run.read_train_config(folder)
+    training loaded it (same binarization and seed), and its TrainConfig; ``config``
+    loads the data as another config says (a resumed run's, with --no-stream say)."""
+    config = run.read_train_config(folder) if config is None else config
     if data_dir is not None:
         config.data_dir = data_dir
     vae = VAE.load(folder, map_location=device).to(device)
+    # own data: the path, the test split and the preprocessing are the run's (config.json)
     data = load_dataset(config.dataset, config.data_dir, seed=config.seed,
-                        binarize=config.resolved_binarize(vae.likelihood.name))
+                        binarize=config.resolved_binarize(vae.likelihood.name),
+                        **config.data_options())
     return vae, data, config
+
+
+def check_layered_objective(layers: int, elbo: str, estimator: str = "reparam") -> None:
+    """Refuse an objective that is biased with several stochastic layers, where
+    q(z2|z1) depends on z1: the meanfield objective's analytic KL of z1 integrates
+    z1 out with z2 held at a draw made from it, and the stl and dreg estimators,
+    which cut q's parameters from the graph, cut the path from z1 through them too."""
+    if layers == 1:
+        return
+    if elbo == "meanfield":
+        raise PyrovaeError(
+            "--elbo meanfield is biased with several stochastic layers (the analytic KL of z1 "
+            "integrates z1 out while z2 was drawn from it); use --elbo trace or iwae.")
+    if estimator != "reparam":
+        raise PyrovaeError(
+            f"--estimator {estimator} is biased with several stochastic layers (it cuts the "
+            f"parameters of q(z2|z1) from the graph, and with them the path through z1); use "
+            f"--estimator reparam.")
 
 
 def data_plate(x: torch.Tensor) -> pyro.plate:

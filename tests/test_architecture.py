@@ -13,7 +13,7 @@ PACKAGE = Path(pyrovae.__file__).parent
 
 # docs/architecture.md, in order; modules of one stage may import each other
 STAGES = [
-    {"errors", "atomic", "sites", "run", "data", "networks"},
+    {"errors", "atomic", "sites", "run", "data", "networks", "distributed"},
     {"families"},
     {"vae"},
     {"collapse"},
@@ -23,7 +23,7 @@ STAGES = [
     {"evaluation"},
     {"plots"},
     {"pipelines"},
-    {"cli"},
+    {"cli", "__main__"},
 ]
 
 

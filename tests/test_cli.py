@@ -58,3 +58,27 @@ def test_bad_flags_get_clear_errors(tmp_path, args, message):
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_expressive_guide_and_prior_train_and_evaluate_from_the_command_line(tmp_path):
+    out = tmp_path / "run"
+    result = train("--epochs", "1", "--out", str(out), "--guide", "iaf", "--guide-param",
+                   "flows=3", "--guide-param", "hidden=12,12", "--prior", "vamp",
+                   "--prior-param", "components=20")
+    assert result.returncode == 0, result.stderr
+    assert "not initialized" not in result.stderr  # the pseudo-inputs start from the data
+    assert "KL: the 'trace' objective estimates the KL of 'z' by Monte Carlo" in result.stdout
+    config = json.loads((out / "config.json").read_text())["model"]
+    assert config["guide"] == {"name": "iaf", "min_scale": 1e-4, "flows": 3, "hidden": [12, 12],
+                               "context": 3}
+    assert config["prior"] == {"name": "vamp", "components": 20, "init": "data",
+                               "init_std": 0.01}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics[-1]["kl_per_dim"] is None
+    evaluated = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "evaluate.py"), str(out), "--num-samples", "30",
+         "--num-images", "20", "--subset-size", "2", "--no-progress"],
+        capture_output=True, text=True, cwd=ROOT)
+    assert evaluated.returncode == 0, evaluated.stderr
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["num_datapoints"] == 20 and evaluation["nll"] < -evaluation["elbo"]

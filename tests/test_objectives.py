@@ -160,8 +160,9 @@ def assert_same_mean(a, b):
 # ---------------------------------------------------------------- STL
 
 
-def test_stl_keeps_the_loss_value(binary_digits):
-    vae, x = small_vae(), binary_digits.train[:32]
+@pytest.mark.parametrize("guide", ["normal", "full-normal", "iaf"])
+def test_stl_keeps_the_loss_value(binary_digits, guide):
+    vae, x = small_vae(guide=guide), binary_digits.train[:32]
     stl = make_elbo("trace", estimator="stl")
     assert type(stl) is STL_Trace_ELBO
     # the same draws and float32 operations (q re-scored with detached copies of its
@@ -248,8 +249,11 @@ def test_stl_is_biased_for_iwae_but_not_dreg():
 
 
 @pytest.mark.parametrize("name,pyro_elbo", [("trace", Trace_ELBO), ("meanfield", TraceMeanField_ELBO)])
-def test_kl_weight_one_is_the_elbo(binary_digits, name, pyro_elbo):
-    vae, x = small_vae(), binary_digits.train[:32]
+@pytest.mark.parametrize("families", [
+    {}, dict(guide="full-normal"), dict(guide="iaf", prior="mog"),
+    dict(prior="vamp", prior_kwargs={"components": 10})])
+def test_kl_weight_one_is_the_elbo(binary_digits, name, pyro_elbo, families):
+    vae, x = small_vae(**families), binary_digits.train[:32]
     weighted = make_elbo(name, kl_weighted=True)
     assert isinstance(weighted, KLWeightedELBO)
 
@@ -347,6 +351,9 @@ def train_steps(objective, svi_class, optim, batches, num_particles=1, **vae_kwa
     dict(guide="student-t", prior="laplace", likelihood="gaussian"),
     dict(guide="laplace", prior="student-t", likelihood="gaussian-fixed"),
     dict(guide="lognormal", prior="gamma", likelihood="continuous-bernoulli"),
+    dict(guide="full-normal", prior="normal", likelihood="bernoulli"),
+    dict(guide="iaf", prior="mog", likelihood="gaussian"),
+    dict(guide="normal", prior="vamp", likelihood="bernoulli", prior_kwargs={"components": 10}),
 ])
 def test_compiled_step_gives_the_loss_terms_and_parameters_of_plain_svi(
         binary_digits, name, families):

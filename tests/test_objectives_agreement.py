@@ -18,7 +18,8 @@ def elbo_draws(elbo, vae, x, repeats):
 @pytest.mark.parametrize("guide,prior", PAIRS)
 def test_trace_and_meanfield_agree_in_expectation(guide, prior, binary_digits):
     torch.manual_seed(0)
-    vae = VAE((8, 8), z_dim=3, prior=prior, guide=guide, hidden=(32,))
+    vae = VAE((8, 8), z_dim=3, prior=prior, guide=guide, hidden=(32,),
+              prior_kwargs={"components": 5} if prior in ("mog", "vamp") else None)
     x = binary_digits.train[:4]
     # each draw averages 50 vectorized particles; 100 draws give the standard error
     trace = elbo_draws(make_elbo("trace", 50), vae, x, 100)

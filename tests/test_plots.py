@@ -4,6 +4,7 @@ import math
 import matplotlib.image
 import numpy as np
 import pytest
+import scipy.optimize
 import scipy.stats
 import torch
 
@@ -98,6 +99,45 @@ def test_prior_quantiles_from_draws_where_torch_has_no_icdf(prior, kwargs, froze
     for dim in range(2):
         assert (abs(quantiles[:, dim].numpy() - exact) < 5 * se).all(), (quantiles, exact, se)
     assert math.isfinite(float(quantiles.sum()))
+
+
+def test_prior_quantiles_of_a_mixture_are_its_marginals():
+    vae = VAE((4,), z_dim=2, prior="mog", prior_kwargs={"components": 2},
+              likelihood="gaussian-fixed")
+    with torch.no_grad():  # two components, apart in the first dimension only
+        vae.prior.locs.copy_(torch.tensor([[-2.0, 0.0], [2.0, 0.0]]))
+        vae.prior.scale_unconstrained.fill_(0.0)  # softplus(0) + min_scale for every scale
+    scale = math.log(2.0) + vae.prior.min_scale
+    quantiles, method = prior_quantiles(vae, LEVELS)
+    assert method.startswith("marginals from")
+    levels = LEVELS.numpy()
+
+    def mixture_cdf(v):
+        return 0.5 * (scipy.stats.norm.cdf(v, -2, scale) + scipy.stats.norm.cdf(v, 2, scale))
+
+    def mixture_pdf(v):
+        return 0.5 * (scipy.stats.norm.pdf(v, -2, scale) + scipy.stats.norm.pdf(v, 2, scale))
+
+    first = np.array([scipy.optimize.brentq(lambda v: mixture_cdf(v) - u, -10, 10)
+                      for u in levels])
+    second = scipy.stats.norm.ppf(levels, 0, scale)
+    for dim, exact, pdf in ((0, first, mixture_pdf(first)),
+                            (1, second, scipy.stats.norm.pdf(second, 0, scale))):
+        # SE of a sample quantile: sqrt(u (1 - u) / n) / density at the quantile
+        se = (levels * (1 - levels) / QUANTILE_SAMPLES) ** 0.5 / pdf
+        assert (abs(quantiles[:, dim].numpy() - exact) < 5 * se).all(), (dim, quantiles, exact)
+
+
+@pytest.mark.parametrize("guide,prior", [("full-normal", "normal"), ("iaf", "mog"),
+                                         ("iaf", "vamp")])
+def test_every_figure_of_a_2d_latent_with_the_expressive_families(binary_digits, tmp_path,
+                                                                  guide, prior):
+    vae = VAE(binary_digits.x_shape, z_dim=2, guide=guide, prior=prior, hidden=(32,),
+              prior_kwargs={"components": 5} if prior != "normal" else None).eval()
+    written = write_figures(tmp_path, vae, binary_digits)
+    # no KL per dimension: q or p does not factorize over dimensions
+    assert_figures(written, ["reconstructions", "prior_samples", "interpolation",
+                             "latent_scatter", "manifold", "latent_bubbles"])
 
 
 # ---------------------------------------------------------------- latent bubbles

@@ -164,3 +164,21 @@ def test_pyro_says_whether_validation_is_enabled():
         assert not util.is_validation_enabled()
     with pyro.validation_enabled(True):
         assert util.is_validation_enabled()
+
+
+def test_an_affine_autoregressive_step_inverts_through_its_inverse_attribute():
+    # pyrovae/families/flows.py (IAFGuide.make_dist) wraps each step's _inverse, which the
+    # stable step sets as an instance attribute, so that a float64 flow inverts in float64
+    from pyro.distributions.transforms import ConditionalAffineAutoregressive
+    from pyro.nn import ConditionalAutoRegressiveNN
+
+    where = ("pyro.distributions.transforms.AffineAutoregressive._inverse, which "
+             "pyrovae/families/flows.py (IAFGuide.make_dist) wraps")
+    step = ConditionalAffineAutoregressive(ConditionalAutoRegressiveNN(3, 2, [6]), stable=True)
+    transform = step.condition(torch.zeros(2))
+    assert "_inverse" in vars(transform), f"{where}, is no longer set on the instance"
+    calls = []
+    inverse = transform._inverse
+    transform._inverse = lambda y: calls.append(y) or inverse(y)
+    transform.inv(torch.ones(3))
+    assert len(calls) == 1, f"{where}, is no longer what Transform.inv calls"

@@ -16,7 +16,11 @@ from pyrovae.errors import DataError, SupportMismatchError, UnknownNameError
 from pyrovae.families import LIKELIHOODS, compatible_pairs
 
 PAIRS = [(g, p) for g, priors in compatible_pairs().items() for p in priors]
-COMBINATIONS = [(g, p, lik) for (g, p), lik in itertools.product(PAIRS, sorted(LIKELIHOODS))]
+# the families that do not factorize over z's dimensions meet the likelihoods through the
+# decoder alone, as every other family does: one likelihood for each of their pairs
+EXPRESSIVE = {"full-normal", "iaf", "mog", "vamp"}
+COMBINATIONS = [(g, p, lik) for (g, p), lik in itertools.product(PAIRS, sorted(LIKELIHOODS))
+                if not {g, p} & EXPRESSIVE or lik == "bernoulli"]
 
 
 def data_for(likelihood, binary_digits, digits):
@@ -24,6 +28,8 @@ def data_for(likelihood, binary_digits, digits):
 
 
 def small_vae(guide="normal", prior="normal", likelihood="bernoulli", **kwargs):
+    if prior in ("vamp", "mog"):  # a few components: the suites step every combination
+        kwargs.setdefault("prior_kwargs", {"components": 5})
     return VAE((8, 8), z_dim=4, prior=prior, guide=guide, likelihood=likelihood,
                hidden=(64,), **kwargs)
 
@@ -167,7 +173,8 @@ class TestSaveLoad:
 
 
 # ---------------------------------------------------------------- custom parts
-# Each is the short example of docs/families.md.
+# The short examples of docs/families.md; MixturePrior is the registered mog prior's
+# shape, written as a user's own, unregistered prior.
 
 
 class MixturePrior(Prior):

@@ -121,7 +121,8 @@ def test_learnable_of_another_type_is_refused():
         make_prior("normal", 3, learnable=1.5)
 
 
-@pytest.mark.parametrize("guide", ["normal", "laplace", "lognormal", "student-t"])
+@pytest.mark.parametrize("guide", ["normal", "laplace", "lognormal", "student-t", "full-normal",
+                                   "iaf"])
 @pytest.mark.parametrize("min_scale", [-1, -1e-4, float("nan"), float("inf"), "small", None])
 def test_guide_min_scale_must_be_a_number_at_least_zero(guide, min_scale):
     with pytest.raises(PyrovaeError, match="min_scale"):

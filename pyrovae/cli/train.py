@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import time
 from pathlib import Path
 
 import pyro
 
-from pyrovae.cli import parse_key_values, plain, positive_int
+from pyrovae import distributed
+from pyrovae.cli import non_negative_int, parse_key_values, plain, positive_int
 from pyrovae.errors import PyrovaeError
-from pyrovae.data import BINARIZE_MODES, DATASET_NAMES, load_dataset
+from pyrovae.data import (
+    BINARIZE_MODES,
+    DATASET_NAMES,
+    DEFAULT_TEST_SIZE,
+    STREAM_THRESHOLD_BYTES,
+    load_dataset,
+)
 from pyrovae.families import (
     GUIDES,
     LIKELIHOODS,
@@ -20,9 +28,16 @@ from pyrovae.families import (
     make_likelihood,
     make_prior,
 )
-from pyrovae.networks import ACTIVATIONS
+from pyrovae.networks import (
+    ACTIVATIONS,
+    ARCHITECTURES,
+    NETWORKS,
+    check_layer_hidden,
+    check_network,
+    check_z_dims,
+    lookup_architecture,
+)
 from pyrovae.objectives import ESTIMATORS, OBJECTIVES
-from pyrovae.pipelines import evaluate_test_set
 from pyrovae.run import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -31,9 +46,11 @@ from pyrovae.run import (
     ModelConfig,
     claim_folder,
     read_config,
+    read_train_config,
+    resolve_device,
 )
 from pyrovae.training import Trainer, TrainConfig
-from pyrovae.vae import VAE
+from pyrovae.vae import VAE, check_layered_objective
 
 log = logging.getLogger("pyrovae")
 
@@ -44,8 +61,10 @@ D = " (default %(default)s)"  # argparse fills in each flag's default
 def add_parser(sub):
     p = sub.add_parser("train", help=plain(__doc__), description=plain(__doc__))
     data = p.add_argument_group("data")
-    data.add_argument("--dataset", default=TRAINING.dataset, choices=DATASET_NAMES,
-                      help="the data set (default %(default)s; see docs/datasets.md)")
+    data.add_argument("--dataset", default=TRAINING.dataset, metavar="NAME_OR_PATH",
+                      help=f"a data set, {', '.join(DATASET_NAMES)}, or your own data: a "
+                           f"folder of PNG or JPEG images, or a .npy, .npz, .pt or .csv file "
+                           f"(default %(default)s; see docs/datasets.md)")
     data.add_argument("--data-dir", help="folder with the data files (default: $PYROVAE_DATA_DIR, "
                       "else torchvision downloads mnist and fashion-mnist)")
     data.add_argument("--binarize", choices=BINARIZE_MODES,
@@ -54,27 +73,62 @@ def add_parser(sub):
                            "which is already binary, threshold for digits and dynamic for the "
                            "others with --likelihood bernoulli, none for the other "
                            "likelihoods")
+    own = p.add_argument_group("your own data (with --dataset PATH)")
+    own.add_argument("--test", dest="test_data", metavar="PATH",
+                     help="the test set, a file or folder like --dataset's (default: "
+                          "--test-size of the data)")
+    own.add_argument("--test-size", type=fraction_or_count, metavar="FRACTION_OR_COUNT",
+                     help=f"the test set drawn from the data with --seed: a fraction (0.1) or "
+                          f"a count (500) (default {DEFAULT_TEST_SIZE})")
+    own.add_argument("--image-size", type=positive_int, nargs="+", metavar="N",
+                     help="resize every image to H W (one N: N x N); needed where the images "
+                          "differ in size")
+    own.add_argument("--csv-columns", nargs="+", metavar="COLUMN",
+                     help="the columns of a .csv file to train on, by name or 0-based number "
+                          "(default: all, which must be numeric)")
+    own.add_argument("--stream", action=argparse.BooleanOptionalAction,
+                     help=f"read an image folder or .npy file from disk batch by batch "
+                          f"(DataLoader), or (--no-stream) hold it in memory; default: stream "
+                          f"above {STREAM_THRESHOLD_BYTES / 2**30:g} GiB as float32")
+    own.add_argument("--num-workers", type=non_negative_int, metavar="N",
+                     help="loader processes of a streamed data set (default: the cores but "
+                          "one, at most 4)")
     model = p.add_argument_group("model")
     model.add_argument("--prior", default="normal", choices=sorted(PRIORS),
                        help="the prior p(z)" + D)
     model.add_argument("--prior-param", action="append", metavar="KEY=VALUE",
-                       help="a prior parameter, e.g. df=3 or scale=0.5 (repeatable)")
+                       help="a prior parameter, e.g. df=3 or scale=0.5, or components=50 "
+                            "for mog and vamp (repeatable)")
     model.add_argument("--learn-prior", action="store_true", help="learn the prior's parameters")
     model.add_argument("--guide", default="normal", choices=sorted(GUIDES),
                        help="the guide family q(z|x)" + D)
     model.add_argument("--guide-param", action="append", metavar="KEY=VALUE",
                        help="a guide parameter, e.g. df=5 or learn_df=false for the student-t "
-                            "guide (repeatable)")
+                            "guide, flows=4 or hidden=200,200 for iaf (repeatable)")
     model.add_argument("--likelihood", default="bernoulli", choices=sorted(LIKELIHOODS),
                        help="the likelihood p(x|z)" + D)
     model.add_argument("--likelihood-param", action="append", metavar="KEY=VALUE",
                        help="a likelihood parameter, e.g. scale=0.1 (gaussian-fixed) or "
                             "sigma=per-datapoint (gaussian) (repeatable)")
-    model.add_argument("--z-dim", type=positive_int, default=MODEL.z_dim, metavar="N",
-                       help="latent dimensions" + D)
-    model.add_argument("--hidden", type=positive_int, nargs="+", default=list(MODEL.hidden),
-                       metavar="N", help="hidden layer sizes of the MLP encoder and decoder, "
-                       f"e.g. --hidden 500 500 (default {' '.join(map(str, MODEL.hidden))})")
+    model.add_argument("--z-dim", type=positive_int, nargs="+", default=[MODEL.z_dim],
+                       metavar="N", help="latent dimensions; one size per stochastic layer, from "
+                       "the data upward, for several (Burda et al.'s two layers: --z-dim 100 50) "
+                       f"(default {MODEL.z_dim})")
+    model.add_argument("--hidden", type=positive_int, nargs="+", action="append", metavar="N",
+                       help="hidden layer sizes of the encoder and decoder, e.g. --hidden 500 "
+                       "500; with several stochastic layers, once per layer from the data "
+                       "upward (--hidden 200 200 --hidden 100 100), or once for all; with "
+                       "--network conv, the fully connected layers after the convolutions "
+                       f"(default {' '.join(map(str, MODEL.hidden))})")
+    model.add_argument("--network", default=MODEL.network, choices=NETWORKS,
+                       help="the encoder and decoder: mlp (fully connected) or conv (strided "
+                            "convolutions, for images; see docs/networks.md)" + D)
+    model.add_argument("--channels", type=positive_int, nargs="+", metavar="N",
+                       help="the conv network's channel widths, one per stride-2 "
+                            "convolution (default: by the image size, 32 64 for 28x28)")
+    model.add_argument("--arch", choices=sorted(ARCHITECTURES),
+                       help="a published architecture's sizes (docs/networks.md); the model "
+                            "flags given beside it override them")
     model.add_argument("--activation", default=MODEL.activation, choices=sorted(ACTIVATIONS),
                        help="the networks' activation" + D)
     fit = p.add_argument_group("training")
@@ -128,6 +182,9 @@ def add_parser(sub):
                      help="replace an earlier pyrovae run in --out RUN (a folder holding other "
                           "files is never cleared)")
     fit.add_argument("--no-progress", action="store_true", help="no progress bar")
+    fit.add_argument("--tensorboard", action="store_true",
+                     help="write the metrics and image grids for TensorBoard into "
+                          "RUN/tensorboard (pip install 'pyrovae[tensorboard]')")
     fit.add_argument("--eval-samples", type=positive_int, metavar="K",
                      help="at the end, estimate the test-set log p(x) with K importance samples "
                           "(as pyrovae evaluate; papers use 5000; default: no evaluation)")
@@ -135,12 +192,40 @@ def add_parser(sub):
     return p
 
 
+def fraction_or_count(text: str):
+    """An argparse ``type`` for --test-size: an integer count, or a fraction in (0, 1)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a fraction between 0 and 1 or a count, got {text!r}") from None
+
+
 def run(args) -> int:
-    progress = not args.no_progress
+    # under torchrun, join the other processes first: gloo on the CPU, nccl on CUDA (a
+    # resumed run's own device, unless --device is given again)
+    device = args.device
+    if args.resume and args.out and "device" not in getattr(args, "given", ()):
+        device = read_train_config(args.out).device
+    distributed.init_from_environment(resolve_device(device))
+    distributed.quiet_other_ranks(log)
+    try:
+        return _train(args, progress=not args.no_progress)
+    finally:
+        distributed.shutdown()
+
+
+def _train(args, progress: bool) -> int:
     trainer = resume_trainer(args, progress) if args.resume else build_trainer(args, progress)
     metrics = trainer.fit()
     if trainer.interrupted:
         return 130
+    if trainer.rank != 0:  # rank 0 writes the figures and the evaluation
+        return 0
     summarize(trainer, metrics)
     # the run is saved: the figures and the evaluation are extras, and a failure in one
     # is reported with the command that retries it
@@ -154,6 +239,8 @@ def run(args) -> int:
         log.warning(f"the figures failed ({type(error).__name__}: {error}); the run is saved. "
                     f"Retry with: pyrovae plot {trainer.out}")
     if args.eval_samples:
+        from pyrovae.pipelines import evaluate_test_set  # loads the plots, as above
+
         evaluate_test_set(trainer.out, trainer.vae, trainer.data, args.eval_samples,
                           seed=trainer.config.seed, progress=progress)
     return 0
@@ -161,7 +248,9 @@ def run(args) -> int:
 
 # flags of `pyrovae train` that describe the model, and cannot change when a run resumes
 MODEL_FLAGS = ("prior", "prior_param", "learn_prior", "guide", "guide_param", "likelihood",
-               "likelihood_param", "z_dim", "hidden", "activation")
+               "likelihood_param", "z_dim", "hidden", "activation", "network", "channels", "arch")
+# the flags that size the networks: what an --arch sets, unless given beside it
+SIZE_FLAGS = ("z_dim", "hidden", "activation", "network", "channels")
 # flags that only steer this command, not the run
 COMMAND_FLAGS = ("out", "resume", "no_progress", "eval_samples", "overwrite")
 
@@ -190,20 +279,53 @@ def resume_trainer(args, progress: bool) -> Trainer:
 def _as_saved(flag: str, value, saved: dict) -> bool:
     """Whether a model flag given again on resume repeats the saved value (which is no
     change); the family parameters are compared as the families saved them."""
-    if flag in ("z_dim", "activation"):
-        return value == saved[flag]
-    if flag == "hidden":
-        return list(value) == saved["hidden"]
+    if flag in ("activation", "network", "arch"):
+        return value == saved.get(flag, getattr(MODEL, flag))
+    if flag in ("z_dim", "hidden", "channels"):
+        given = ModelConfig(**{flag: _model_size(flag, value)}).to_dict()[flag]
+        return given == saved.get(flag)
     if flag in ("prior", "guide", "likelihood"):
         return value == saved[flag]["name"]
     return False
 
 
+def _model_size(flag: str, value):
+    """A size flag as the VAE takes it: one --z-dim size is an int; one --hidden list is
+    every block's, several are one per stochastic layer."""
+    if flag == "z_dim":
+        return value[0] if len(value) == 1 else tuple(value)
+    if flag == "hidden":
+        if value is None:
+            return MODEL.hidden
+        return tuple(value[0]) if len(value) == 1 else tuple(map(tuple, value))
+    if flag == "channels":
+        return value if value is None else tuple(value)
+    return value
+
+
+def model_sizes(args) -> dict:
+    """The VAE's sizes: the --arch's, with the size flags given beside it (or, without an
+    --arch, every size flag) in their place."""
+    given = getattr(args, "given", set(SIZE_FLAGS))
+    sizes = lookup_architecture(args.arch).settings() if args.arch else {}
+    for flag in SIZE_FLAGS:
+        if flag in given or flag not in sizes:
+            sizes[flag] = _model_size(flag, getattr(args, flag))
+    return sizes
+
+
 def build_trainer(args, progress: bool) -> Trainer:
     """The Trainer of a new run. Every flag is checked before the data is loaded,
     except the likelihood's parameters, which need the data's shape."""
-    out = Path(args.out or f"runs/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    stem = args.dataset if args.dataset in DATASET_NAMES else Path(args.dataset).stem
+    # one name for all the processes of a data-parallel run, whose clocks may differ
+    out = Path(args.out or distributed.broadcast(
+        f"runs/{stem}-{time.strftime('%Y%m%d-%H%M%S')}"))
     config = TrainConfig(dataset=args.dataset, data_dir=args.data_dir, binarize=args.binarize,
+                         test_data=args.test_data, test_size=args.test_size,
+                         image_size=args.image_size, csv_columns=args.csv_columns,
+                         stream=args.stream, num_workers=args.num_workers,
+                         tensorboard=args.tensorboard,
                          elbo=args.elbo, num_particles=args.num_particles,
                          epochs=TRAINING.epochs if args.epochs is None else args.epochs,
                          batch_size=TrainConfig.default_batch_size(args.dataset)
@@ -219,25 +341,38 @@ def build_trainer(args, progress: bool) -> Trainer:
         prior_kwargs["learnable"] = True
     guide_kwargs = parse_key_values(args.guide_param, "--guide-param")
     likelihood_kwargs = parse_key_values(args.likelihood_param, "--likelihood-param")
-    check_supports(
-        _family("--prior-param", "prior", args.prior, make_prior, args.z_dim, prior_kwargs),
-        _family("--guide-param", "guide", args.guide, make_guide, args.z_dim, guide_kwargs))
+    sizes = model_sizes(args)
+    z_dims = check_z_dims(sizes["z_dim"])
+    check_layer_hidden(sizes["hidden"], len(z_dims))
+    check_network(sizes["network"], sizes["channels"])
+    check_layered_objective(len(z_dims), config.elbo, config.estimator)
+    prior = _family("--prior-param", "prior", args.prior, make_prior, z_dims[-1], prior_kwargs)
+    guide = _family("--guide-param", "guide", args.guide, make_guide, z_dims[0], guide_kwargs)
+    if len(z_dims) == 1:  # with several layers, the VAE checks each layer's pair
+        check_supports(guide, prior)
     # after every check of the flags (a refused command leaves no folder, and --overwrite
     # clears nothing), before the data load and the training
-    claim_folder(out, args.overwrite)
+    with distributed.rank_zero_first():  # only rank 0 writes the run folder
+        if distributed.rank() == 0:
+            claim_folder(out, args.overwrite)
     binarize = config.resolved_binarize(args.likelihood)
     config.binarize = binarize
-    data = load_dataset(config.dataset, config.data_dir, binarize=binarize, seed=config.seed)
+    with distributed.rank_zero_first():  # rank 0 fills the cache (extracted files) first
+        data = load_dataset(config.dataset, config.data_dir, binarize=binarize,
+                            seed=config.seed, **config.data_options())
     _family("--likelihood-param", "likelihood", args.likelihood, make_likelihood, data.x_shape,
             likelihood_kwargs)
     pyro.set_rng_seed(config.seed)  # the networks' initial weights depend on the seed alone
-    vae = VAE(data.x_shape, z_dim=args.z_dim, prior=args.prior, guide=args.guide,
-              likelihood=args.likelihood, hidden=tuple(args.hidden), activation=args.activation,
+    vae = VAE(data.x_shape, prior=args.prior, guide=args.guide, likelihood=args.likelihood,
               prior_kwargs=prior_kwargs, guide_kwargs=guide_kwargs,
-              likelihood_kwargs=likelihood_kwargs)
+              likelihood_kwargs=likelihood_kwargs, **sizes)
+    vae.config["arch"] = args.arch
+    # a prior with parameters in data space (vamp's pseudo-inputs) starts from the data
+    vae.prior.initialize(data.head() if data.streamed else data.train)
     log.info(f"{config.dataset}: {len(data.train)} train / {len(data.test)} test images of "
              f"{data.x_shape}, binarize={binarize}; prior={args.prior} guide={args.guide} "
-             f"likelihood={args.likelihood} z_dim={args.z_dim} elbo={config.elbo} "
+             f"likelihood={args.likelihood} z_dim={vae.z_dim} network={vae.config['network']}"
+             f"{' arch=' + args.arch if args.arch else ''} elbo={config.elbo} "
              f"estimator={config.estimator}; "
              f"run folder {out}")
     return Trainer(vae, data, config, out=out, progress=progress, overwrite=args.overwrite)

@@ -253,12 +253,14 @@ def bdmc(vae, num_simulated: int = 16, num_steps: int = 1000, num_samples: int =
          progress: bool = False) -> dict:
     """Bidirectional Monte Carlo on ``num_simulated`` datapoints simulated from the VAE.
 
-    Draws z ~ p(z) (``vae.prior_distribution()``) and x ~ p(x|z) (``vae.decode``),
-    then runs forward AIS (a stochastic lower bound of log p(x)), reverse AIS from
-    the simulated z (a stochastic upper bound), and importance sampling with the
-    guide and ``is_samples`` samples (``log_likelihood``) on the same x.
+    Draws z ~ p(z) and x ~ p(x|z) (``vae.sample_latents``, ``vae.decode``; with
+    several stochastic layers every layer, from the top down), then runs forward
+    AIS (a stochastic lower bound of log p(x)), reverse AIS from the simulated
+    latents (a stochastic upper bound), and importance sampling with the guide and
+    ``is_samples`` samples (``log_likelihood``) on the same x.
 
-    Returns a dict: ``x`` and ``z``, the simulated data; per-datapoint float64
+    Returns a dict: ``x`` and ``z``, the simulated data (``z`` the layer next to
+    x), and ``latents``, every latent site's draws by name; per-datapoint float64
     tensors ``lower``, ``upper``, ``gap`` (upper - lower), ``is`` (the IS estimate),
     ``is_below_lower`` (lower - IS, clamped at 0: how far IS falls under the
     interval), ``is_position`` ((IS - lower) / gap: 0 at the lower bound, 1 at
@@ -276,8 +278,10 @@ def bdmc(vae, num_simulated: int = 16, num_steps: int = 1000, num_samples: int =
     try:
         with torch.no_grad(), _forked_rng(device):
             torch.manual_seed(seed)
-            z = vae.prior_distribution().sample((num_simulated,))
-            x = vae.decode(z).sample()
+            # every latent site, drawn ancestrally: with several stochastic layers the
+            # reverse chains start from all of them
+            latents = vae.sample_latents(num_simulated)
+            x = vae.decode(latents[vae.sites[0]]).sample()
     finally:
         vae.train(was_training)
     common = dict(leapfrog_steps=leapfrog_steps, step_size=step_size,
@@ -290,7 +294,7 @@ def bdmc(vae, num_simulated: int = 16, num_steps: int = 1000, num_samples: int =
     # the reverse chains start at the simulated z: step sizes tuned on chains started there
     # would depend on it, so they take the forward pilots' step size at each b (a function
     # of x and independent draws only)
-    reverse_lw, _, _ = _run(vae, x, betas[::-1], num_samples, start=start, init={"z": z},
+    reverse_lw, _, _ = _run(vae, x, betas[::-1], num_samples, start=start, init=latents,
                             seed=seed + 1, desc="BDMC reverse", fixed_steps=forward_steps.flip(0),
                             **common)
     forward = _estimate(forward_lw, forward_accept, num_steps, False)
@@ -301,7 +305,8 @@ def bdmc(vae, num_simulated: int = 16, num_steps: int = 1000, num_samples: int =
                                  data_block=data_block, seed=seed + 2)
     gap = upper - lower
     out = {
-        "x": x.cpu(), "z": z.cpu(),
+        "x": x.cpu(), "z": latents[vae.sites[0]].cpu(),
+        "latents": {name: value.cpu() for name, value in latents.items()},
         "lower": lower, "upper": upper, "gap": gap, "is": is_estimate.log_px,
         "is_below_lower": (lower - is_estimate.log_px).clamp(min=0),
         "is_position": (is_estimate.log_px - lower) / gap,

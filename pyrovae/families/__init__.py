@@ -1,8 +1,10 @@
 """Distribution families for priors, guides and likelihoods, looked up by name.
 
 Each family is defined once, in ``latent.py`` or ``likelihoods.py`` (a prior
-and a guide of the same distribution are made from one description of it); the
-closed-form KLs that torch lacks live in ``kl.py`` and are registered on import.
+and a guide of the same distribution are made from one description of it),
+``flows.py`` (the ``iaf`` guide) or ``mixtures.py`` (the ``mog`` and ``vamp``
+priors); the closed-form KLs that torch lacks live in ``kl.py`` and are
+registered on import.
 """
 
 from __future__ import annotations
@@ -14,16 +16,19 @@ from torch.distributions import constraints
 from pyrovae.errors import SupportMismatchError, UnknownNameError
 from pyrovae.families import kl  # noqa: F401  (registers the closed-form KLs with torch)
 from pyrovae.families.base import Family, Registry, same_support
+from pyrovae.families.flows import IAFDistribution, IAFGuide
 from pyrovae.families.latent import (
     GUIDES,
     PRIORS,
     FixedOrLearnable,
+    FullNormalGuide,
     Guide,
     Prior,
     register_guide,
     register_prior,
 )
 from pyrovae.families.likelihoods import LIKELIHOODS, Likelihood, register_likelihood
+from pyrovae.families.mixtures import LatentMixture, MixtureOfGaussiansPrior, VampPrior
 
 
 def _build(registry: Registry, base: type, spec, *args, **kwargs):
@@ -90,5 +95,6 @@ __all__ = [
     "Family", "FixedOrLearnable", "Registry", "Prior", "Guide", "Likelihood",
     "PRIORS", "GUIDES", "LIKELIHOODS", "register_prior", "register_guide",
     "register_likelihood", "make_prior", "make_guide", "make_likelihood",
-    "check_supports", "compatible_pairs",
+    "check_supports", "compatible_pairs", "FullNormalGuide", "IAFGuide", "IAFDistribution",
+    "LatentMixture", "MixtureOfGaussiansPrior", "VampPrior",
 ]

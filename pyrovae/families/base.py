@@ -81,6 +81,14 @@ def check_positive_int(value, what: str) -> int:
     return int(value)
 
 
+def check_count(value, what: str) -> int:
+    """A positive integer, as ``check_positive_int``; a float that is a whole number is
+    taken too, as the CLI's KEY=VALUE family parameters arrive as floats (flows=4 is 4.0)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return check_positive_int(value, what)
+
+
 def check_number(value, what: str, above: float | None = None, at_least: float | None = None
                  ) -> float:
     """``value`` as a float if it is a finite real number (not a bool, not a string)

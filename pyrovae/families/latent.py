@@ -1,8 +1,9 @@
 """Families for the latent code z: priors p(z) and guides q(z|x).
 
 A prior owns its parameters (fixed buffers or learnable). A guide turns the
-encoder's raw output, shaped ``batch + (num_params, z_dim)``, into constrained
-parameters. Both return distributions with event dim 1.
+encoder's raw output, shaped ``batch + guide.raw_shape`` (by default
+``(num_params, z_dim)``: one number per parameter and latent dimension), into
+a distribution. Both return distributions with event shape ``(z_dim,)``.
 
 Each distribution is described once, as a ``LatentDistribution``; its prior and
 guide classes (``NormalPrior``, ``NormalGuide``, ...) are made from that
@@ -17,6 +18,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 from torch.distributions import biject_to, constraints
+from torch.distributions.utils import vec_to_tril_matrix
 
 from pyrovae.errors import PyrovaeError, UnknownNameError
 from pyrovae.families.base import (
@@ -187,6 +189,21 @@ class Prior(Family):
     def forward(self, like: torch.Tensor | None = None) -> dist.Distribution:
         return self.make_dist(*self.param_values(like)).to_event(1)
 
+    def attach(self, encode, x_shape: tuple[int, ...], data_support) -> None:
+        """The VAE calls this once, when it is built, before it registers the prior's
+        parameters. ``encode(x)`` returns q(z|x) for a batch of inputs of shape
+        ``x_shape``, whose values lie in ``data_support`` (the likelihood's support).
+
+        A prior made of the VAE's own encoder (``vamp``) keeps ``encode`` as a plain
+        reference, not a submodule, so that the encoder's weights are saved once,
+        and makes its data-space parameters here. The other priors ignore it.
+        """
+
+    def initialize(self, x: torch.Tensor) -> None:
+        """Called once on a new run, before its first step, with training data (the
+        CLI's ``pyrovae train`` does): a prior may set parameters from the data (the
+        ``vamp`` prior's pseudo-inputs). The other priors ignore it."""
+
 
 def _json_value(value):
     """A parameter as config.json saves it: Python numbers and lists as given, tensors
@@ -214,7 +231,16 @@ NormalPrior, LaplacePrior, StudentTPrior, LogNormalPrior, GammaPrior, Exponentia
 
 
 class Guide(Family):
-    """q(z|x) family: ``num_params`` raw encoder outputs per latent dimension."""
+    """q(z|x) family: turns the encoder's raw output into q(z|x), with event shape (z_dim,).
+
+    The encoder's output for one datapoint has the shape ``raw_shape``. The
+    default, ``(num_params, z_dim)``, is one raw number per parameter and latent
+    dimension: ``constrain`` maps them to the parameters, and ``make_dist``
+    builds a distribution over each dimension, which ``forward`` makes one
+    event of z_dim. A family whose q does not factorize over the dimensions (a
+    full covariance, a flow) declares its own ``raw_shape`` and returns from
+    ``make_dist`` a distribution whose event shape is ``(z_dim,)`` already.
+    """
 
     num_params: ClassVar[int] = 2
 
@@ -230,12 +256,37 @@ class Guide(Family):
         self._settings = {"min_scale": min_scale if type(min_scale) in (int, float)
                           else self.min_scale}
 
+    # network passes to score a z that q did not draw itself (one for the closed-form
+    # families; a flow inverts its steps one latent dimension at a time): the collapse
+    # diagnostics score many such pairs, and take fewer datapoints where it is more
+    scoring_passes: int = 1
+
+    @property
+    def raw_shape(self) -> tuple[int, ...]:
+        """The shape of the encoder's output for one datapoint (the encoders' ``out_shape``)."""
+        return (self.num_params, self.z_dim)
+
     def constrain(self, raw: torch.Tensor) -> tuple[torch.Tensor, ...]:
         loc, raw_scale = raw.unbind(-2)
         return loc, positive(raw_scale, self.min_scale)
 
     def forward(self, raw: torch.Tensor) -> dist.Distribution:
-        return self.make_dist(*self.constrain(raw)).to_event(1)
+        self.check_raw(raw)
+        q = self.make_dist(*self.constrain(raw))
+        return q if q.event_shape else q.to_event(1)
+
+    def check_raw(self, raw: torch.Tensor) -> None:
+        """Refuse an encoder output whose trailing dimensions are not ``raw_shape``: a
+        custom encoder built for another guide would otherwise fail deep inside torch,
+        or worse, be split into the wrong parameters. Reads only the shape."""
+        expected = tuple(self.raw_shape)
+        got = tuple(raw.shape)
+        if got[len(got) - len(expected):] != expected or len(got) < len(expected):
+            raise PyrovaeError(
+                f"the encoder's output has shape {got}, but guide {self.name!r} needs "
+                f"batch + {expected} (its raw_shape) for z_dim={self.z_dim}; build the encoder "
+                f"with out_shape=vae.guide_family.raw_shape, e.g. "
+                f"MLPEncoder(x_shape, {expected}).")
 
 
 NormalGuide, LaplaceGuide, LogNormalGuide = (
@@ -276,3 +327,33 @@ class StudentTGuide(Guide):
     def constrain(self, raw):
         loc, scale = super().constrain(raw)
         return self.df, loc, scale
+
+
+@register_guide
+class FullNormalGuide(Guide):
+    """A Gaussian with a full covariance: ``MultivariateNormal(loc, scale_tril=L)``.
+
+    The encoder gives loc (z_dim numbers), L's diagonal (z_dim numbers, through
+    ``softplus + min_scale`` as every guide's scale) and its strictly lower
+    triangle (z_dim (z_dim - 1) / 2 free numbers), in that order. It holds the
+    exact posterior of a linear-Gaussian decoder, whose latent dimensions are
+    correlated under the posterior unless the decoder's columns are orthogonal.
+    """
+
+    name = "full-normal"
+    distribution = dist.MultivariateNormal
+
+    @property
+    def raw_shape(self) -> tuple[int, ...]:
+        return (self.z_dim + self.z_dim * (self.z_dim + 1) // 2,)
+
+    def constrain(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z_dim = self.z_dim
+        loc, raw_diagonal, lower = raw.split([z_dim, z_dim, z_dim * (z_dim - 1) // 2], dim=-1)
+        scale_tril = torch.diag_embed(positive(raw_diagonal, self.min_scale))
+        if z_dim > 1:
+            scale_tril = scale_tril + vec_to_tril_matrix(lower, diag=-1)
+        return loc, scale_tril
+
+    def make_dist(self, loc, scale_tril):
+        return dist.MultivariateNormal(loc, scale_tril=scale_tril, validate_args=False)

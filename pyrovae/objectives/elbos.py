@@ -107,10 +107,18 @@ def detach_parameters(fn):
 
     Rebuilt from ``arg_constraints``, so that it works for any guide family; a
     lazily computed alternative parameterization (probs for logits) is skipped.
+    A distribution that cannot be rebuilt so (a flow, whose transforms hold
+    networks: ``pyrovae.families.IAFDistribution``) gives its own copy through a
+    ``detach_parameters`` method.
     """
+    if hasattr(fn, "detach_parameters"):
+        return fn.detach_parameters()
     if isinstance(fn, torch.distributions.Independent):
         return type(fn)(detach_parameters(fn.base_dist), fn.reinterpreted_batch_ndims,
                         validate_args=False)
+    if isinstance(fn, torch.distributions.MultivariateNormal):
+        # its arg_constraints are three alternative matrices, of which it takes one
+        return type(fn)(fn.loc.detach(), scale_tril=fn.scale_tril.detach(), validate_args=False)
     params = {}
     for key in fn.arg_constraints:
         if isinstance(getattr(type(fn), key, None), lazy_property) and key not in vars(fn):
@@ -321,6 +329,11 @@ class KLWeightedELBO(Objective, Trace_ELBO):
                                f"site {name!r}; remove it or use beta = 1 without free bits.")
         q_base, p_base = _factors(q), _factors(p)
         if q_base is None or p_base is None:  # no per-dimension factors: one group per site
+            if self.analytic_kl:  # a full covariance against a diagonal prior has one
+                try:
+                    return kl_divergence(q, p)[..., None]
+                except NotImplementedError:
+                    pass
             return (q.log_prob(guide_site["value"]) - p.log_prob(guide_site["value"]))[..., None]
         kl = None
         if self.analytic_kl:

@@ -95,6 +95,25 @@ def test_a_variance_exactly_at_the_threshold_is_not_active():
     assert active_units(q, threshold=threshold) == 1  # strictly above: not the first
 
 
+def test_without_a_closed_form_mean_the_draws_noise_is_taken_off():
+    # q(z|x) = N(loc_x, 1) written as a transformed distribution, which has no mean in torch;
+    # the first dimension's means are all 0 (collapsed), the second's spread with sd 0.5
+    torch.manual_seed(0)
+    n = 2000
+    loc = torch.stack([torch.zeros(n), 0.5 * torch.randn(n)], dim=-1)
+    q = dist.TransformedDistribution(dist.Normal(torch.zeros(n, 2), 1.0).to_event(1),
+                                     [dist.transforms.AffineTransform(loc, 1.0, event_dim=1)])
+    with pytest.raises(NotImplementedError):
+        q.mean
+    variance = posterior_mean_variance(q)
+    # the plain variance of means of 32 draws would add 1/32 = 0.031 to both. What is left
+    # is noise: sd sqrt(2 / n) / 32 = 0.001 in the first dimension, and in the second the
+    # cross term of the means and the draws, sd 2 * 0.5 * sqrt(1 / (32 n)) = 0.004
+    assert abs(float(variance[0])) < 5 * 0.001
+    assert abs(float(variance[1]) - float(loc[:, 1].var())) < 5 * 0.004
+    assert active_units(q) == 1
+
+
 def test_mutual_information_is_zero_when_q_is_the_prior():
     vae = vector_vae(ConstantEncoder(loc=0.0, scale=1.0))
     result = collapse_diagnostics(vae, full_rank_data(), mi_points=None)
