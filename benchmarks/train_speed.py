@@ -734,40 +734,37 @@ def main(argv=None):
     torch.manual_seed(0)
     x_all = torch.bernoulli(data.train[:max(TAX_BATCHES)])
 
-    if args.data_paths:
-        paths = measure_data_paths(args, data.train[:args.data_images])
-        print_data_paths(paths, f"(f) the data paths on {args.data_images} MNIST images, "
-                                f"{paths[0]['train_images']} of them "
-                                f"trained on (cpu, median of {args.rounds} rounds)")
-        results = {"environment": env, "rounds": args.rounds, "data_paths": paths}
-        write_json(args.json, results)
-        return results
-
-    if args.families:
-        families = measure_families(device, args, x_all)
-        print_families(families, f"(g) one compiled SVI step per family, batch {FAMILY_BATCH}, "
-                                 f"784-200-200-50 tanh ({device}, median of {args.rounds} "
-                                 f"rounds)")
-        results = {"environment": env, "rounds": args.rounds, "families": families}
-        write_json(args.json, results)
-        return results
-
-    if args.networks:
-        networks = measure_networks(device, args, x_all)
-        print_networks(networks, f"(e) one compiled SVI step per network, batch "
-                                 f"{NETWORK_BATCH} ({device}, median of {args.rounds} rounds)")
-        results = {"environment": env, "rounds": args.rounds, "networks": networks}
-        write_json(args.json, results)
-        return results
+    # the separate measurements: each flag measures one thing, prints it under its title
+    # (made from the rows) and writes its JSON
+    rounds = f"median of {args.rounds} rounds"
+    separate = {
+        "data_paths": (
+            lambda: measure_data_paths(args, data.train[:args.data_images]), print_data_paths,
+            lambda rows: f"(f) the data paths on {args.data_images} MNIST images, "
+                         f"{rows[0]['train_images']} of them trained on (cpu, {rounds})"),
+        "families": (
+            lambda: measure_families(device, args, x_all), print_families,
+            lambda rows: f"(g) one compiled SVI step per family, batch {FAMILY_BATCH}, "
+                         f"784-200-200-50 tanh ({device}, {rounds})"),
+        "networks": (
+            lambda: measure_networks(device, args, x_all), print_networks,
+            lambda rows: f"(e) one compiled SVI step per network, batch {NETWORK_BATCH} "
+                         f"({device}, {rounds})"),
+    }
+    for key, (measure, show, title) in separate.items():
+        if getattr(args, key):
+            rows = measure()
+            show(rows, title(rows))
+            results = {"environment": env, "rounds": args.rounds, key: rows}
+            write_json(args.json, results)
+            return results
 
     check_cost = measure_check_cost(TAX_BATCHES, device, args, x_all)
     print_check_cost(check_cost, f"(d) the data check of VAE.model and VAE.guide per step "
                                  f"({device}, median of {args.rounds} rounds)")
     if args.check_cost:
         results = {"environment": env, "rounds": args.rounds, "check_cost": check_cost}
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=1)
+        write_json(args.json, results)
         return results
 
     tax = measure_tax(TAX_BATCHES, device, args, x_all)

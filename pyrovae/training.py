@@ -392,6 +392,10 @@ class Trainer:
                     run.claim_folder(out, overwrite)
         self.vae = vae.to(self.device)
         self.data = data.to(self.device)
+        if not _resuming and not getattr(vae.prior, "initialized", True):
+            # a prior with parameters in data space (vamp's pseudo-inputs) starts from the
+            # training data, unless the user initialized it already
+            vae.prior.initialize(self.data.head() if self.data.streamed else self.data.train)
         self.out = Path(out) if out is not None else None
         self.progress = progress
         self.callbacks = default_callbacks(config) if callbacks is None else list(callbacks)

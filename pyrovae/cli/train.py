@@ -367,8 +367,6 @@ def build_trainer(args, progress: bool) -> Trainer:
               prior_kwargs=prior_kwargs, guide_kwargs=guide_kwargs,
               likelihood_kwargs=likelihood_kwargs, **sizes)
     vae.config["arch"] = args.arch
-    # a prior with parameters in data space (vamp's pseudo-inputs) starts from the data
-    vae.prior.initialize(data.head() if data.streamed else data.train)
     log.info(f"{config.dataset}: {len(data.train)} train / {len(data.test)} test images of "
              f"{data.x_shape}, binarize={binarize}; prior={args.prior} guide={args.guide} "
              f"likelihood={args.likelihood} z_dim={vae.z_dim} network={vae.config['network']}"

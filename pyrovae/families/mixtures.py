@@ -133,7 +133,7 @@ class VampPrior(Prior):
     K random training images (with replacement where there are fewer than K;
     binary pixels moved ``DATA_MARGIN`` inside (0, 1), where the sigmoid is
     finite), or "mean", the data's mean image plus ``init_std`` Gaussian noise.
-    ``pyrovae train`` calls it for a new run; until it is called, the pseudo-inputs
+    The ``Trainer`` calls it for a new run; until it is called, the pseudo-inputs
     are ``init_std`` noise around the middle of the data's range, and the first
     training step warns.
     """
@@ -208,7 +208,7 @@ class VampPrior(Prior):
                 f"the vamp prior's pseudo-inputs were not initialized from the data "
                 f"(init={self.init!r}); they start as noise around the middle of the data's "
                 f"range. Call vae.prior.initialize(training_images) before training, as "
-                f"pyrovae train does.", UserWarning, stacklevel=4)  # where the VAE called it
+                f"the Trainer does.", UserWarning, stacklevel=4)  # where the VAE called it
         # on the device and dtype of the encoder and the pseudo-inputs, which are the VAE's
         components = self._encode(self.pseudo_inputs)
         return _mixture(self.pseudo_inputs_unconstrained.new_zeros(self.components), components)
