@@ -232,7 +232,8 @@ def _batch_rows(num: int, batch_size: int, shard: tuple[int, int] | None
 
 
 def _check_grey(images, what: str) -> None:
-    """Dynamic binarization draws each pixel with ``torch.bernoulli(x)``, which needs
+    """Binarization draws each pixel as 1 with probability x (``torch.bernoulli(x)`` for
+    the static kind, ``torch.rand(...) < x`` for each dynamic batch), which needs
     finite floating-point grey values in [0, 1]: checked when the Dataset is built, so
     that a bad value is named there and not by torch in the middle of an epoch."""
     if not isinstance(images, torch.Tensor) or not torch.is_floating_point(images):
