@@ -72,7 +72,7 @@ def test_expressive_guide_and_prior_train_and_evaluate_from_the_command_line(tmp
     assert config["guide"] == {"name": "iaf", "min_scale": 1e-4, "flows": 3, "hidden": [12, 12],
                                "context": 3}
     assert config["prior"] == {"name": "vamp", "components": 20, "init": "data",
-                               "init_std": 0.01}
+                               "init_std": 0.01, "flow_components": "base"}
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics[-1]["kl_per_dim"] is None
     evaluated = subprocess.run(

@@ -108,6 +108,7 @@ class MixtureOfGaussiansPrior(Prior):
 
 
 VAMP_INITS = ("data", "mean")
+FLOW_COMPONENTS = ("base", "exact")
 DATA_MARGIN = 0.01  # pseudo-inputs from binary images start this far inside (0, 1)
 
 
@@ -129,6 +130,16 @@ class VampPrior(Prior):
     back; the sigmoid's gradient is small near 0 and 1 but never 0, and Adam
     rescales small gradients. Real data (Gaussian likelihoods) leave them free.
 
+    ``flow_components`` matters only for a flow guide (``iaf``), whose q(z|u_k)
+    scores a z it did not draw by inverting each flow step, one network pass per
+    latent dimension, for every pair of z and component: with 500 components and
+    a batch of 100 that is 50,000 inversions of z_dim passes each, which ran out
+    of memory on MNIST. "base" (the default) makes the components the flow's
+    Gaussian base at the pseudo-inputs, N(z; mu(u_k), sigma(u_k)), before the
+    flow: a proper mixture density, still tied to the encoder through the
+    pseudo-inputs, but not the exact q(z|u_k) of Tomczak & Welling. "exact" keeps
+    q(z|u_k) itself, for few components.
+
     ``init`` chooses how ``initialize(x)`` sets them from training data: "data",
     K random training images (with replacement where there are fewer than K;
     binary pixels moved ``DATA_MARGIN`` inside (0, 1), where the sigmoid is
@@ -141,7 +152,7 @@ class VampPrior(Prior):
     name = "vamp"
 
     def __init__(self, z_dim: int, components: int = 500, init: str = "data",
-                 init_std: float = 0.01):
+                 init_std: float = 0.01, flow_components: str = "base"):
         super().__init__(z_dim)
         self.components = check_count(
             components, "vamp prior components (--prior-param components=K), the number of "
@@ -150,11 +161,16 @@ class VampPrior(Prior):
             raise UnknownNameError(
                 f"vamp prior init={init!r} is unknown; choose one of {list(VAMP_INITS)} "
                 f"(--prior-param init=data).")
+        if flow_components not in FLOW_COMPONENTS:
+            raise UnknownNameError(
+                f"vamp prior flow_components={flow_components!r} is unknown; choose one of "
+                f"{list(FLOW_COMPONENTS)} (--prior-param flow_components=base).")
         self.init = init
+        self.flow_components = flow_components
         self.init_std = check_number(init_std, "vamp prior init_std (--prior-param "
                                                "init_std=...)", at_least=0)
         self._settings = {"components": self.components, "init": init,
-                          "init_std": self.init_std}
+                          "init_std": self.init_std, "flow_components": flow_components}
         self._encode = None
         self.initialized = False  # by initialize(x) or by loading a state_dict
         self.register_load_state_dict_post_hook(_mark_initialized)
@@ -211,6 +227,8 @@ class VampPrior(Prior):
                 f"the Trainer does.", UserWarning, stacklevel=4)  # where the VAE called it
         # on the device and dtype of the encoder and the pseudo-inputs, which are the VAE's
         components = self._encode(self.pseudo_inputs)
+        if self.flow_components == "base" and isinstance(components, dist.TransformedDistribution):
+            components = components.base_dist
         return _mixture(self.pseudo_inputs_unconstrained.new_zeros(self.components), components)
 
     def _check_attached(self) -> None:

@@ -80,13 +80,24 @@ def test_mog_parameters_are_learned():
 # ---------------------------------------------------------------- vamp
 
 
-@pytest.mark.parametrize("guide", ["normal", "full-normal", "iaf"])
-def test_vamp_log_prob_is_the_mean_of_the_encoded_pseudo_inputs(guide):
+@pytest.mark.parametrize("guide,flow_components", [
+    ("normal", "base"), ("full-normal", "base"), ("iaf", "exact"), ("iaf", "base")])
+def test_vamp_log_prob_is_the_mean_of_the_encoded_pseudo_inputs(guide, flow_components):
     torch.manual_seed(2)
-    vae = small_vae(guide=guide).eval()
+    vae = small_vae(guide=guide, prior_kwargs={"flow_components": flow_components}).eval()
     z = torch.randn(5, 3)
+
+    def component(u):
+        q = vae.encode(u[None])
+        # "base" takes a flow's Gaussian before its steps; other guides have no base
+        if flow_components == "base" and guide == "iaf":
+            q = torch.distributions.Independent(
+                torch.distributions.Normal(q.base_dist.base_dist.loc,
+                                           q.base_dist.base_dist.scale), 1)
+        return q
+
     with torch.no_grad():
-        each = torch.stack([vae.encode(u[None]).log_prob(z) for u in vae.prior.pseudo_inputs])
+        each = torch.stack([component(u).log_prob(z) for u in vae.prior.pseudo_inputs])
         expected = torch.logsumexp(each, 0) - math.log(6)
         got = vae.prior_distribution().log_prob(z)
     # the same component densities, batched or one by one (a flow inverts in float32 either
@@ -133,7 +144,7 @@ def test_vamp_keeps_a_plain_reference_to_the_encoder(tmp_path, binary_digits):
     vae.save(tmp_path)
     loaded = VAE.load(tmp_path)
     assert loaded.config["prior"] == {"name": "vamp", "components": 6, "init": "data",
-                                      "init_std": 0.01}
+                                      "init_std": 0.01, "flow_components": "base"}
     with torch.no_grad():
         assert torch.equal(loaded.prior_distribution().log_prob(z),
                            vae.eval().prior_distribution().log_prob(z))
@@ -169,6 +180,8 @@ def test_initialize_from_images_or_their_mean(binary_digits):
 def test_vamp_refuses_bad_input():
     with pytest.raises(UnknownNameError, match="init='middle'.*'data', 'mean'"):
         VampPrior(3, init="middle")
+    with pytest.raises(UnknownNameError, match="flow_components='flow'.*'base', 'exact'"):
+        VampPrior(3, flow_components="flow")
     with pytest.raises(PyrovaeError, match="components"):
         VampPrior(3, components=0)
     with pytest.raises(PyrovaeError, match="build it inside a VAE"):
