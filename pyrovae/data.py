@@ -61,6 +61,8 @@ FROM_TENSORS = "tensors"
 
 DIGITS_NUM_TEST = 297
 FREY_NUM_TEST = 265
+# --val-size official (val_size="official"): binarized-mnist's own 10,000 validation images
+OFFICIAL_VALIDATION = "official"
 
 BINARIZED_MNIST_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"
 FREY_URL = "https://cs.nyu.edu/~roweis/data/frey_rawface.mat"
@@ -79,7 +81,8 @@ class Dataset:
     comparable from one epoch to the next.
 
     Build one from your own tensors with :meth:`from_tensors`, or from files with
-    ``load_dataset(PATH)``.
+    ``load_dataset(PATH)``; :meth:`hold_out_validation` moves training datapoints into a
+    validation set ``valid``.
     """
 
     name: str
@@ -88,6 +91,10 @@ class Dataset:
     train_labels: torch.Tensor | None
     test_labels: torch.Tensor | None
     binarize: str
+    # a validation set (``hold_out_validation``, ``load_dataset(val_size=...)``): never in
+    # ``train``; binarized once at load time, as ``test`` is
+    valid: torch.Tensor | None = None
+    valid_labels: torch.Tensor | None = None
 
     streamed: ClassVar[bool] = False  # StreamedDataset reads its training set batch by batch
 
@@ -143,7 +150,35 @@ class Dataset:
             test=move(self.test),
             train_labels=move(self.train_labels),
             test_labels=move(self.test_labels),
+            valid=move(self.valid),
+            valid_labels=move(self.valid_labels),
         )
+
+    def hold_out_validation(self, size: int, seed: int = 0) -> Dataset:
+        """This data set with ``size`` of its training datapoints moved into a validation
+        set ``valid``: the rows of a permutation seeded with ``seed`` (``split_indices``),
+        so that the same seed holds out the same rows. The validation set never appears
+        in ``train``; with dynamic binarization it is binarized once with ``seed``, as the
+        test set is, so that its ELBO is comparable from one epoch to the next."""
+        if self.valid is not None:
+            raise DataError(f"{self.name} holds a validation set already; hold one out of "
+                            f"the data set as loaded, without val_size.")
+        if size == OFFICIAL_VALIDATION:
+            raise DataError(f"{OFFICIAL_VALIDATION!r} is a data set's own validation split, "
+                            f"which load_dataset(..., val_size={OFFICIAL_VALIDATION!r}) "
+                            f"loads; hold_out_validation takes a count.")
+        size = check_val_size(size, self.name, train_size=len(self.train))
+        if size == 0:
+            raise DataError("hold_out_validation needs a count of at least 1.")
+        train_rows, valid_rows = split_indices(len(self.train), size, seed)
+        valid = self.train[valid_rows]
+        if self.binarize == "dynamic":
+            _, valid = _binarized(valid[:0], valid, self.binarize, seed)
+        labels = self.train_labels
+        return dataclasses.replace(
+            self, train=self.train[train_rows], valid=valid,
+            train_labels=None if labels is None else labels[train_rows],
+            valid_labels=None if labels is None else labels[valid_rows])
 
     def num_batches(self, batch_size: int, split: str = "train") -> int:
         """Number of batches per pass over ``split`` ("train" or "test"), last partial one included."""
@@ -180,11 +215,18 @@ class Dataset:
         """The first batch of a fresh epoch: ``next(train_batches(batch_size, generator))``."""
         return next(self.train_batches(batch_size, generator))
 
-    def test_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
-        """The test set in order, in batches; the last, partial batch is kept."""
+    def test_batches(self, batch_size: int, split: str = "test") -> Iterator[torch.Tensor]:
+        """The test set (or, with ``split="valid"``, the validation set) in order, in
+        batches; the last, partial batch is kept."""
         _check_batch_size(batch_size)
-        for start in range(0, len(self.test), batch_size):
-            yield self.test[start : start + batch_size]
+        if split not in ("test", "valid"):
+            raise DataError(f"unknown held-out split {split!r}: use 'test' or 'valid'")
+        held_out = getattr(self, split)
+        if held_out is None:
+            raise DataError(f"{self.name} has no validation set: load it with "
+                            f"load_dataset(..., val_size=N) or hold_out_validation(N).")
+        for start in range(0, len(held_out), batch_size):
+            yield held_out[start : start + batch_size]
 
     def _epoch_order(self, batch_size, generator, shuffle) -> torch.Tensor | None:
         _check_batch_size(batch_size)
@@ -293,6 +335,7 @@ class _Splits:
     test: torch.Tensor
     train_labels: torch.Tensor | None = None
     test_labels: torch.Tensor | None = None
+    valid: torch.Tensor | None = None  # a data set's own validation split
 
 
 def _load_digits(data_dir: Path | None, cache_dir: Path) -> _Splits:
@@ -365,11 +408,16 @@ def _torchvision_root(dataset_class: type, data_dir: Path | None, cache_dir: Pat
     return cache_dir, True
 
 
-def _load_binarized_mnist(data_dir: Path | None, cache_dir: Path, include_valid: bool = False) -> _Splits:
+def _load_binarized_mnist(data_dir: Path | None, cache_dir: Path, include_valid: bool = False,
+                          valid: bool = False) -> _Splits:
+    """``include_valid`` adds the validation images to the training set; ``valid`` keeps
+    them apart, as the validation set."""
     train = _binarized_mnist_split("train", data_dir, cache_dir)
+    held_out = _binarized_mnist_split("valid", data_dir, cache_dir) \
+        if include_valid or valid else None
     if include_valid:
-        train = torch.cat([train, _binarized_mnist_split("valid", data_dir, cache_dir)])
-    return _Splits(train, _binarized_mnist_split("test", data_dir, cache_dir))
+        train, held_out = torch.cat([train, held_out]), None
+    return _Splits(train, _binarized_mnist_split("test", data_dir, cache_dir), valid=held_out)
 
 
 def _binarized_mnist_split(split: str, data_dir: Path | None, cache_dir: Path) -> torch.Tensor:
@@ -448,6 +496,43 @@ DATASETS: dict[str, Callable[..., _Splits]] = {
 }
 DATASET_NAMES = tuple(DATASETS)
 STATICALLY_BINARIZED = ("binarized-mnist",)
+# the training images of each built-in data set, so that a --val-size that leaves none is
+# refused before the data are loaded
+TRAIN_SIZES = {"digits": 1797 - DIGITS_NUM_TEST, "mnist": 60_000, "fashion-mnist": 60_000,
+               "binarized-mnist": 50_000, "frey": 1965 - FREY_NUM_TEST}
+# the data sets that come with a validation split of their own (--val-size official)
+OFFICIAL_VALIDATION_SETS = ("binarized-mnist",)
+
+
+def check_val_size(val_size, dataset, stream: bool | None = None,
+                   train_size: int | None = None) -> int | str:
+    """``val_size`` checked: a count of training images to hold out (0: none), below the
+    training set's size where it is known (``train_size``, or a built-in data set's),
+    or "official" for a data set with a validation split of its own. The messages name
+    the ``pyrovae train`` flag with the keyword beside it."""
+    flag = "--val-size (val_size=)"
+    if val_size == OFFICIAL_VALIDATION:
+        if dataset not in OFFICIAL_VALIDATION_SETS:
+            raise DataError(
+                f"{flag} {OFFICIAL_VALIDATION} takes a data set's own validation split, which "
+                f"only {', '.join(OFFICIAL_VALIDATION_SETS)} has, not {dataset}: give a count "
+                f"of training images to hold out instead, e.g. --val-size 1000.")
+        return val_size
+    whole = isinstance(val_size, numbers.Integral) and not isinstance(val_size, bool)
+    if not whole or val_size < 0:
+        raise DataError(
+            f"{flag} must be a non-negative integer, the count of training images held out "
+            f"for validation (0: none), or {OFFICIAL_VALIDATION!r} for binarized-mnist's own "
+            f"validation split; got {val_size!r}.")
+    size = TRAIN_SIZES.get(dataset) if train_size is None else train_size
+    if val_size and size is not None and val_size >= size:
+        raise DataError(f"{flag} {val_size} would leave no training images: {dataset} has "
+                        f"{size}. Hold out fewer, e.g. --val-size {max(1, size // 10)}.")
+    if val_size and stream:
+        raise DataError(f"{flag} holds training images out in memory, which a streamed "
+                        f"training set (--stream) does not hold: add --no-stream, or leave "
+                        f"{flag} out.")
+    return int(val_size)
 
 
 def default_cache_dir() -> Path:
@@ -469,6 +554,7 @@ def load_dataset(
     csv_columns=None,
     stream: bool | None = None,
     num_workers: int | None = None,
+    val_size: int | str = 0,
 ) -> Dataset:
     """Load a data set by name (see ``DATASET_NAMES``), or your own data from a path,
     on ``device``.
@@ -490,6 +576,11 @@ def load_dataset(
     ``stream`` reads the training set batch by batch (``StreamedDataset``, with
     ``num_workers`` loader processes) instead of holding it in memory; the default,
     None, streams an image folder or ``.npy`` file above ``STREAM_THRESHOLD_BYTES``.
+
+    ``val_size`` holds that many training datapoints out as the validation set
+    ``valid`` (``Dataset.hold_out_validation``, seeded with ``seed``); "official" takes
+    binarized-mnist's own 10,000 validation images as ``valid`` instead (then none of
+    them is in ``train``).
     """
     own = check_own_data_options(name, test=test, test_size=test_size, image_size=image_size,
                                  csv_columns=csv_columns, stream=stream, binarize=binarize,
@@ -498,6 +589,11 @@ def load_dataset(
         raise DataError(f"unknown binarize mode {binarize!r}: choose one of {', '.join(BINARIZE_MODES)}")
     if include_valid and name != "binarized-mnist":
         raise DataError(f"include_valid applies only to binarized-mnist, which has a validation split, not {name!r}")
+    if name != FROM_TENSORS:
+        val_size = check_val_size(val_size, name, stream)
+    if include_valid and val_size:
+        raise DataError("include_valid trains on binarized-mnist's validation images, and "
+                        "val_size holds a validation set out: give one of them, not both.")
     if name == FROM_TENSORS:
         raise DataError(
             f"dataset {FROM_TENSORS!r} names data passed in Python (Dataset.from_tensors), "
@@ -506,7 +602,7 @@ def load_dataset(
             f"numpy.save and train on the file's path.")
     if name not in DATASETS:
         return load_own_data(check_dataset(name), binarize=binarize, seed=seed,
-                             device=device, **own)
+                             device=device, val_size=val_size, **own)
     if name in STATICALLY_BINARIZED and binarize == "dynamic":
         raise DataError(
             f"{name} is a fixed binarization of MNIST and has no grey values to resample, so "
@@ -520,6 +616,8 @@ def load_dataset(
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
     loader_options = {"include_valid": True} if include_valid else {}
+    if val_size == OFFICIAL_VALIDATION:
+        loader_options = {"valid": True}
     splits = DATASETS[name](data_dir, cache_dir, **loader_options)
 
     if name in STATICALLY_BINARIZED:
@@ -527,14 +625,18 @@ def load_dataset(
         train, test = splits.train, splits.test
     else:
         train, test = _binarized(splits.train, splits.test, binarize, seed)
-    return Dataset(
+    data = Dataset(
         name=name,
         train=train,
         test=test,
         train_labels=splits.train_labels,
         test_labels=splits.test_labels,
         binarize=binarize,
-    ).to(device)
+        valid=splits.valid,  # a validation split of the data set's own: already binary
+    )
+    if val_size and val_size != OFFICIAL_VALIDATION:
+        data = data.hold_out_validation(val_size, seed)
+    return data.to(device)
 
 
 def _binarized(train: torch.Tensor, test: torch.Tensor, binarize: str, seed: int):
@@ -694,8 +796,8 @@ def split_indices(count: int, test_size: float | int, seed: int
 
 def load_own_data(path, test=None, test_size=None, image_size=None, csv_columns=None,
                   binarize: str = "none", seed: int = 0, stream: bool | None = None,
-                  num_workers: int | None = None, device: torch.device | str = "cpu"
-                  ) -> Dataset:
+                  num_workers: int | None = None, device: torch.device | str = "cpu",
+                  val_size: int = 0) -> Dataset:
     """``load_dataset`` for the path of your own data (its arguments are documented there)."""
     options = check_own_data_options(path, test=test, test_size=test_size,
                                      image_size=image_size, csv_columns=csv_columns,
@@ -717,17 +819,21 @@ def load_own_data(path, test=None, test_size=None, image_size=None, csv_columns=
             source.count, DEFAULT_TEST_SIZE if test_size is None else options["test_size"], seed)
     if stream is None:
         stream = source.streamable and source.nbytes() > STREAM_THRESHOLD_BYTES
-        if stream and binarize == "static":
-            log.info(f"{path.name} is above the streaming threshold, but static binarization "
-                     f"draws the whole training set at once: it is held in memory")
+        if stream and (binarize == "static" or val_size):
+            why = ("static binarization draws the whole training set at once"
+                   if binarize == "static" else "a validation set is held out of it")
+            log.info(f"{path.name} is above the streaming threshold, but {why}: it is held "
+                     f"in memory")
             stream = False
     name = path.name
+    val_size = check_val_size(val_size, name, stream, train_size=len(train_rows))
     test_x, test_labels = test_source.load(test_rows), test_source.labels_of(test_rows)
     if not stream:
         train, test_x = _binarized(source.load(train_rows), test_x, binarize, seed)
-        return Dataset(name=name, train=train, test=test_x,
+        data = Dataset(name=name, train=train, test=test_x,
                        train_labels=source.labels_of(train_rows), test_labels=test_labels,
-                       binarize=binarize).to(device)
+                       binarize=binarize)
+        return (data.hold_out_validation(val_size, seed) if val_size else data).to(device)
     _, test_x = _binarized(test_x[:0], test_x, binarize, seed)
     return StreamedDataset(
         name=name, train=source.items(train_rows, threshold=binarize == "threshold"),

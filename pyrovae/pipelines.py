@@ -23,28 +23,55 @@ from pyrovae.evaluation.marginal import (
 )
 from pyrovae.plots import IWAE_FIGURE, KHAT_FIGURE, plot_iwae_bounds, plot_khat, save
 from pyrovae.run import AIS_FILE, BDMC_FILE, EVALUATION_FILE
-from pyrovae.vae import load_run
+from pyrovae.vae import VAE, load_run
 
 log = logging.getLogger("pyrovae")
 
 METHODS = ("is", "ais", "bdmc")
 # importance samples (IS), or chains per datapoint (AIS, BDMC), where none are asked for
 DEFAULT_NUM_SAMPLES = {"is": 5000, "ais": 16, "bdmc": 16}
+# the weights a run can be evaluated with: run.CHECKPOINTS
+CHECKPOINT_CHOICES = tuple(run.CHECKPOINTS)
 # above this share of images with k-hat > 0.7, the IS estimate is not to be trusted
 # and the summary recommends AIS
 AIS_ADVICE_SHARE = 0.1
+
+
+def load_vae(folder, which: str = "last", map_location="cpu") -> VAE:
+    """A run's VAE with the weights of its last checkpoint (checkpoint.pt) or, with
+    ``which="best"``, of the epoch with the best validation ELBO (best.pt, written by a
+    run trained with a validation set); in eval mode."""
+    vae = VAE.load(folder, map_location=map_location)
+    if which != "last":
+        vae.load_state_dict(run.read_checkpoint(folder, map_location, which=which)["model"])
+    return vae
+
+
+def load_run_checkpoint(folder, which: str = "last", data_dir: str | None = None,
+                        device="cpu"):
+    """``pyrovae.vae.load_run`` (the VAE, its data and its TrainConfig) with the weights
+    of checkpoint ``which`` ("last" or "best", as ``load_vae``), and their description
+    for a summary: ``{"checkpoint": which, "checkpoint_epoch": epoch}``."""
+    vae, data, config = load_run(folder, data_dir, device)
+    state = run.read_checkpoint(folder, device, which=which)
+    if which != "last":
+        vae.load_state_dict(state["model"])
+    return vae, data, config, {"checkpoint": which, "checkpoint_epoch": state.get("epoch")}
 
 
 def evaluate_run(run_folder, num_samples: int | None = None, *, method: str = "is",
                  num_steps: int = 1000, leapfrog_steps: int = 10, num_simulated: int = 100,
                  max_elements: int = DEFAULT_MAX_ELEMENTS, num_images: int | None = None,
                  subset_size: int = 100, seed: int = 0, device: str = "auto",
-                 data_dir: str | None = None, progress: bool = True) -> dict:
+                 data_dir: str | None = None, progress: bool = True,
+                 checkpoint: str = "last") -> dict:
     """Evaluate a run folder's test set: write evaluation.json and two figures; return the summary.
 
-    Reloads the VAE from ``config.json`` and ``checkpoint.pt`` and the data set
-    it was trained on (same binarization: for dynamic binarization, the test set
-    binarized once with the run's seed). ``num_images`` keeps the first test
+    Reloads the VAE from ``config.json`` and ``checkpoint.pt`` (``checkpoint="best"``:
+    ``best.pt``, the best validation epoch's weights) and the data set it was trained
+    on (same binarization: for dynamic binarization, the test set binarized once with
+    the run's seed); the summary names the checkpoint and its epoch (``checkpoint``,
+    ``checkpoint_epoch``). ``num_images`` keeps the first test
     images only. The IWAE-bound curve uses the first ``subset_size`` of them,
     with max(num_samples, 5000) samples. Figures: ``evaluation_khat.png``
     (k-hat per datapoint) and ``evaluation_iwae_bound.png``.
@@ -53,25 +80,29 @@ def evaluate_run(run_folder, num_samples: int | None = None, *, method: str = "i
         raise PyrovaeError(f"unknown method {method!r}; use one of {list(METHODS)}.")
     num_samples = DEFAULT_NUM_SAMPLES[method] if num_samples is None else num_samples
     folder = Path(run_folder)
-    vae, data, _ = load_run(folder, data_dir, run.resolve_device(device))
+    vae, data, _, weights = load_run_checkpoint(folder, checkpoint, data_dir,
+                                                run.resolve_device(device))
     run.check_writable(folder)  # before the evaluation, not after it
     if method == "ais":
         return evaluate_test_set_ais(folder, vae, data, num_steps, num_samples,
                                      leapfrog_steps=leapfrog_steps, max_elements=max_elements,
-                                     num_images=num_images, seed=seed, progress=progress)
+                                     num_images=num_images, seed=seed, progress=progress,
+                                     weights=weights)
     if method == "bdmc":
         return evaluate_bdmc(folder, vae, num_simulated, num_steps, num_samples,
                              leapfrog_steps=leapfrog_steps, max_elements=max_elements,
-                             seed=seed, progress=progress)
+                             seed=seed, progress=progress, weights=weights)
     return evaluate_test_set(folder, vae, data, num_samples, max_elements=max_elements,
                              num_images=num_images, subset_size=subset_size, seed=seed,
-                             progress=progress)
+                             progress=progress, weights=weights)
 
 
 def evaluate_test_set(folder, vae, data, num_samples: int = 5000, *,
                       max_elements: int = DEFAULT_MAX_ELEMENTS, num_images: int | None = None,
-                      subset_size: int = 100, seed: int = 0, progress: bool = True) -> dict:
-    """``evaluate_run`` for a VAE and data set already in memory (the end of training)."""
+                      subset_size: int = 100, seed: int = 0, progress: bool = True,
+                      weights: dict | None = None) -> dict:
+    """``evaluate_run`` for a VAE and data set already in memory (the end of training);
+    ``weights`` describes which checkpoint's they are, for the summary."""
     folder = Path(folder)
     test = data.test if num_images is None else data.test[:num_images]
     log.info(f"evaluating {folder}: log p(x) of {len(test)} {data.name} test images "
@@ -90,6 +121,7 @@ def evaluate_test_set(folder, vae, data, num_samples: int = 5000, *,
         iwae_bound_subset_size=len(subset),
         iwae_bound={str(k): v for k, v in bounds.items()},
         figures=[KHAT_FIGURE, IWAE_FIGURE],
+        **(weights or {}),
     )
     run.write_evaluation(folder, summary)
     save(plot_khat(estimate.khat.numpy(), num_samples), folder / KHAT_FIGURE)
@@ -113,7 +145,7 @@ def evaluate_test_set(folder, vae, data, num_samples: int = 5000, *,
 def evaluate_test_set_ais(folder, vae, data, num_steps: int = 1000, num_samples: int = 16, *,
                           leapfrog_steps: int = 10, max_elements: int = DEFAULT_MAX_ELEMENTS,
                           num_images: int | None = None, seed: int = 0,
-                          progress: bool = True) -> dict:
+                          progress: bool = True, weights: dict | None = None) -> dict:
     """log p(x) of the test images by AIS (``pyrovae.evaluation.ais``): write
     evaluation_ais.json into ``folder`` and return its summary."""
     folder = Path(folder)
@@ -125,7 +157,7 @@ def evaluate_test_set_ais(folder, vae, data, num_steps: int = 1000, num_samples:
                                   leapfrog_steps=leapfrog_steps, max_elements=max_elements,
                                   seed=seed, progress=progress)
     summary = {**estimate.summary(), "method": "ais", "leapfrog_steps": leapfrog_steps,
-               "dataset": data.name}
+               "dataset": data.name, **(weights or {})}
     run.write_evaluation(folder, summary, AIS_FILE)
     log.info(f"AIS NLL {summary['nll']:.3f} +- {summary['nll_se']:.3f} nats (Monte Carlo SE "
              f"{summary['nll_mc_se']:.3f}), mean ESS {summary['ess_mean']:.1f} of "
@@ -137,7 +169,7 @@ def evaluate_test_set_ais(folder, vae, data, num_steps: int = 1000, num_samples:
 def evaluate_bdmc(folder, vae, num_simulated: int = 100, num_steps: int = 1000,
                   num_samples: int = 16, *, leapfrog_steps: int = 10,
                   max_elements: int = DEFAULT_MAX_ELEMENTS, seed: int = 0,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, weights: dict | None = None) -> dict:
     """BDMC (``pyrovae.evaluation.ais.bdmc``) on data simulated from the run's model:
     write bdmc.json into ``folder`` and return its summary."""
     folder = Path(folder)
@@ -151,6 +183,7 @@ def evaluate_bdmc(folder, vae, num_simulated: int = 100, num_steps: int = 1000,
                      "the test set",
         **{f"per_datapoint_{key}": result[key].tolist()
            for key in ("lower", "upper", "gap", "is")},
+        **(weights or {}),
     }
     run.write_evaluation(folder, summary, BDMC_FILE)
     log.info(f"BDMC: log p(x) between {summary['lower']:.3f} (forward AIS) and "

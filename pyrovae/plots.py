@@ -44,6 +44,9 @@ FIGURE_SIZES = {  # inches; pixels are these times DPI
 FIGURE_FILES = {name: f"{name}.png" for name in FIGURE_SIZES}
 EVALUATION_FIGURE_SIZES = {"evaluation_khat": (7, 4), "evaluation_iwae_bound": (6, 4)}
 KHAT_FIGURE, IWAE_FIGURE = (f"{name}.png" for name in EVALUATION_FIGURE_SIZES)
+# across runs: benchmarks/reproduce.py draws it from several runs' metrics
+COMPARISON_FIGURE_SIZES = {"time_to_quality": (7, 4.5)}
+ALL_FIGURE_SIZES = {**FIGURE_SIZES, **EVALUATION_FIGURE_SIZES, **COMPARISON_FIGURE_SIZES}
 
 GRID_COLUMNS = 8
 INTERPOLATION_PAIRS = 6
@@ -58,7 +61,7 @@ GRID_LINE_COLOUR = (0.55, 0.7, 0.9)  # RGB: light blue, neither white nor black
 
 def pixel_size(name: str) -> tuple[int, int]:
     """(width, height) in pixels of the figure ``name``."""
-    width, height = {**FIGURE_SIZES, **EVALUATION_FIGURE_SIZES}[name]
+    width, height = ALL_FIGURE_SIZES[name]
     return round(width * DPI), round(height * DPI)
 
 
@@ -106,8 +109,7 @@ def save(fig: Figure, path) -> None:
 
 
 def _figure(name: str, **kwargs) -> Figure:
-    sizes = {**FIGURE_SIZES, **EVALUATION_FIGURE_SIZES}
-    return Figure(figsize=sizes[name], dpi=DPI, **kwargs)
+    return Figure(figsize=ALL_FIGURE_SIZES[name], dpi=DPI, **kwargs)
 
 
 # ---------------------------------------------------------------- image grids
@@ -509,4 +511,31 @@ def plot_iwae_bounds(bounds: dict[int, float], subset_size: int, dataset: str) -
     ax.set_ylabel("IWAE bound (nats per datapoint)")
     ax.set_title(f"IWAE bound as K grows: {subset_size} {dataset} test images")
     ax.grid(True, alpha=0.3)
+    return fig
+
+
+def plot_time_to_quality(curves: dict[str, list[dict]], target: float | None = None,
+                         target_label: str = "target") -> Figure:
+    """Test NLL against training time, one line per run.
+
+    ``curves`` maps a run's name to its points, each a dict with ``train_seconds``
+    (cumulative training time) and ``test_iwae_bound`` (the test set's IWAE bound,
+    whose negative is an upper bound on the NLL). ``target`` draws an NLL to reach
+    as a dashed line.
+    """
+    if not curves or not all(curves.values()):
+        raise PyrovaeError("plot_time_to_quality needs at least one point per run: train "
+                           "with --iwae-every N to record the test IWAE bound.")
+    fig = _figure("time_to_quality", layout="constrained")
+    ax = fig.add_subplot()
+    for name, points in curves.items():
+        ax.plot([p["train_seconds"] / 60 for p in points],
+                [-p["test_iwae_bound"] for p in points], marker=".", label=name)
+    if target is not None:
+        ax.axhline(target, color="k", linestyle="--", linewidth=1, label=target_label)
+    ax.set_xlabel("training time (minutes)")
+    ax.set_ylabel("test NLL bound, -IWAE bound (nats)")
+    ax.set_title("Test NLL against training time")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
     return fig

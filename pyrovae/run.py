@@ -35,11 +35,14 @@ from pyrovae.data import (
     STATICALLY_BINARIZED,
     check_dataset,
     check_own_data_options,
+    check_val_size,
 )
 from pyrovae.errors import PyrovaeError
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.pt"
+BEST_CHECKPOINT_FILE = "best.pt"  # with a validation set: the best validation ELBO's weights
+CHECKPOINTS = {"last": CHECKPOINT_FILE, "best": BEST_CHECKPOINT_FILE}  # by ``which=``
 METRICS_FILE = "metrics.json"
 EVALUATION_FILE = "evaluation.json"
 AIS_FILE = "evaluation_ais.json"
@@ -94,6 +97,14 @@ class ModelConfig:
 
 DIGITS_BATCH_SIZE = 32
 
+LR_SCHEDULES = ("constant", "burda", "step", "cosine")
+# Burda, Grosse & Salakhutdinov (2016): the learning rate lr * 10**(-i/7) for 3**i epochs,
+# i = 0 ... 7, which is 3280 epochs in all
+BURDA_STAGES = 8
+BURDA_EPOCHS = sum(3**i for i in range(BURDA_STAGES))
+DEFAULT_LR_GAMMA = 0.1
+DEFAULT_IWAE_SAMPLES = 50
+
 
 @dataclass
 class TrainConfig:
@@ -125,6 +136,19 @@ class TrainConfig:
     stream: bool | None = None    # --stream/--no-stream; None: by size (STREAM_THRESHOLD_BYTES)
     num_workers: int | None = None  # --num-workers of the streaming loader; None: the default
     tensorboard: bool = False     # --tensorboard: metrics and image grids in RUN/tensorboard
+    # --val-size: training images held out as a validation set (seeded), or "official"
+    # (binarized-mnist's own 10,000 validation images); 0: none. With one, the trainer
+    # reports the validation ELBO per epoch and keeps the best epoch's weights in best.pt
+    val_size: int | str = 0
+    lr_schedule: str = "constant"  # --lr-schedule: LR_SCHEDULES, applied per epoch
+    lr_step: int | None = None    # --lr-step: the step schedule's epochs between decays
+    lr_gamma: float = DEFAULT_LR_GAMMA  # --lr-gamma: the step schedule's factor per decay
+    lr_min: float = 0.0           # --lr-min: where the cosine schedule ends
+    iwae_every: int = 0           # --iwae-every: the test IWAE bound every this many epochs
+    iwae_samples: int = DEFAULT_IWAE_SAMPLES  # --iwae-samples: its importance samples K
+    # --time-budget: stop after the epoch in which the training steps' time (train_seconds,
+    # carried across --resume) reaches this many seconds; None: train every epoch
+    time_budget: float | None = None
 
     @property
     def kl_weighted(self) -> bool:
@@ -171,6 +195,12 @@ class TrainConfig:
             self.csv_columns = own["csv_columns"]
             if self.test_data is None and self.test_size is None:
                 self.test_size = DEFAULT_TEST_SIZE  # saved, so that the split stays the run's
+        self.val_size = check_val_size(self.val_size, self.dataset)
+        self._check_lr_schedule()
+        _check_int("--iwae-every", self.iwae_every, minimum=0)
+        _check_int("--iwae-samples", self.iwae_samples, minimum=1)
+        if self.time_budget is not None:
+            _check_real("--time-budget", self.time_budget, positive=True)
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise PyrovaeError(
                 "--tensorboard needs the tensorboard package, which is not installed: "
@@ -178,13 +208,49 @@ class TrainConfig:
                 "--tensorboard out.")
         return self
 
+    def _check_lr_schedule(self) -> None:
+        """The schedule's name, its own settings in range, and no setting of another
+        schedule (which would be silently ignored)."""
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise PyrovaeError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got "
+                               f"{self.lr_schedule!r}.")
+        schedule = self.lr_schedule
+        for flag, given, owner in (("--lr-step", self.lr_step is not None, "step"),
+                                   ("--lr-gamma", self.lr_gamma != DEFAULT_LR_GAMMA, "step"),
+                                   ("--lr-min", self.lr_min != 0, "cosine")):
+            if given and schedule != owner:
+                raise PyrovaeError(f"{flag} sets the {owner} schedule, but --lr-schedule is "
+                                   f"{schedule}: add --lr-schedule {owner}, or leave {flag} out.")
+        if schedule == "step":
+            if self.lr_step is None:
+                raise PyrovaeError("--lr-schedule step needs --lr-step N: the epochs between "
+                                   "two decays of the learning rate by --lr-gamma.")
+            _check_int("--lr-step", self.lr_step, minimum=1)
+            _check_real("--lr-gamma", self.lr_gamma, positive=True)
+            if self.lr_gamma > 1:
+                raise PyrovaeError(f"--lr-gamma must be at most 1 (a decay; 0.1 divides the "
+                                   f"learning rate by 10), got {self.lr_gamma!r}.")
+        if schedule == "cosine":
+            _check_real("--lr-min", self.lr_min, positive=False)
+            if self.lr_min >= self.lr:
+                raise PyrovaeError(f"--lr-min ({self.lr_min!r}) must be below --lr "
+                                   f"({self.lr!r}): the cosine schedule decays from --lr to "
+                                   f"--lr-min.")
+        if schedule == "burda" and self.epochs > BURDA_EPOCHS:
+            raise PyrovaeError(
+                f"--lr-schedule burda ends after {BURDA_EPOCHS} epochs (3**i epochs at "
+                f"lr * 10**(-i/7), i = 0 ... 7), got --epochs {self.epochs}: give at most "
+                f"{BURDA_EPOCHS}, or leave --epochs out for the whole schedule.")
+
     def data_options(self) -> dict:
-        """The ``load_dataset`` keywords of this run's own data; none for a built-in set."""
+        """The ``load_dataset`` keywords of this run's own data, and of its validation
+        split (``val_size``) where it has one; none for a built-in set without one."""
+        held_out = {"val_size": self.val_size} if self.val_size else {}
         if self.dataset in DATASET_NAMES or self.dataset == FROM_TENSORS:
-            return {}
+            return held_out
         return {"test": self.test_data, "test_size": self.test_size,
                 "image_size": self.image_size, "csv_columns": self.csv_columns,
-                "stream": self.stream, "num_workers": self.num_workers}
+                "stream": self.stream, "num_workers": self.num_workers, **held_out}
 
     def resolved_binarize(self, likelihood: str) -> str:
         """``binarize`` as given, else the default: for a data set that is already
@@ -283,13 +349,20 @@ def write_config(folder, model: dict, training: TrainConfig | None = None) -> No
     atomic_write_json(path, config)
 
 
-def read_checkpoint(folder, map_location="cpu") -> dict:
-    """checkpoint.pt; a missing, truncated or foreign file is named, with what to do.
+def read_checkpoint(folder, map_location="cpu", which: str = "last") -> dict:
+    """checkpoint.pt (``which="last"``), or best.pt (``which="best"``: the weights of the
+    epoch with the best validation ELBO); a missing, truncated or foreign file is
+    named, with what to do.
 
     Only tensors and plain containers are read (``weights_only=True``): a
     checkpoint is data, and loading it must never run code.
     """
-    path = Path(folder) / CHECKPOINT_FILE
+    path = checkpoint_path(folder, which)
+    if not path.is_file() and which == "best":
+        raise PyrovaeError(
+            f"{folder} holds no {BEST_CHECKPOINT_FILE}: only a run trained with a validation "
+            f"set (pyrovae train --val-size N) keeps the best epoch's weights. Use the last "
+            f"checkpoint (--checkpoint last), or train with --val-size.")
     if not path.is_file():
         raise PyrovaeError(f"{folder} holds no {CHECKPOINT_FILE}: pass the folder of a run "
                            f"written by pyrovae train (or by VAE.save).")
@@ -309,10 +382,18 @@ def read_checkpoint(folder, map_location="cpu") -> dict:
     return state
 
 
-def write_checkpoint(folder, state: dict) -> None:
+def write_checkpoint(folder, state: dict, which: str = "last") -> None:
     """checkpoint.pt: ``state["model"]`` is the VAE's state_dict; a training run adds
-    ``optimizer``, ``epoch``, ``interrupted_at_step``, ``rng`` and ``aggressive``."""
-    atomic_torch_save(state, Path(folder) / CHECKPOINT_FILE)
+    ``optimizer``, ``epoch``, ``interrupted_at_step``, ``rng`` and ``aggressive``.
+    best.pt (``which="best"``): ``model``, ``epoch`` and ``val_elbo``."""
+    atomic_torch_save(state, checkpoint_path(folder, which))
+
+
+def checkpoint_path(folder, which: str = "last") -> Path:
+    if which not in CHECKPOINTS:
+        raise PyrovaeError(f"unknown checkpoint {which!r}: use 'last' (checkpoint.pt, the end "
+                           f"of training) or 'best' (best.pt, the best validation ELBO).")
+    return Path(folder) / CHECKPOINTS[which]
 
 
 def read_metrics(folder) -> list[dict]:
@@ -384,7 +465,8 @@ def claim_folder(folder, overwrite: bool = False) -> None:
 def is_run_folder(folder) -> bool:
     """Whether every file in ``folder`` is one a pyrovae run writes."""
     from_figures = {".png"}
-    own = {CONFIG_FILE, CHECKPOINT_FILE, METRICS_FILE, EVALUATION_FILE, AIS_FILE, BDMC_FILE}
+    own = {CONFIG_FILE, CHECKPOINT_FILE, BEST_CHECKPOINT_FILE, METRICS_FILE, EVALUATION_FILE,
+           AIS_FILE, BDMC_FILE}
     for path in Path(folder).iterdir():
         if path.is_dir() and path.name == TENSORBOARD_DIR:
             continue

@@ -4,8 +4,10 @@ Kept apart from the model: ``Trainer`` takes any ``VAE`` and ``Dataset`` and
 writes its run folder through ``pyrovae.run``. What a step does is a step
 strategy (``PlainStep``, ``AggressiveStep``, ``DataParallelStep`` under torchrun);
 what happens after an epoch's steps beyond the checkpoint is a list of callbacks
-(``TestELBO``, ``CollapseDiagnostics``, ``TensorBoard``, or the user's own), so
-that a new per-epoch extra is added without touching ``fit``.
+(``TestELBO``, ``ValidationELBO``, ``CollapseDiagnostics``, ``TestIWAE``,
+``TensorBoard``, or the user's own), so that a new per-epoch extra is added without
+touching ``fit``. The learning-rate schedule is the optimizer's (``pyrovae.svi``),
+stepped once per epoch.
 """
 
 from __future__ import annotations
@@ -25,12 +27,12 @@ from tqdm.auto import tqdm
 
 from pyrovae import distributed, run
 from pyrovae.collapse import collapse_diagnostics
-from pyrovae.data import Dataset
+from pyrovae.data import OFFICIAL_VALIDATION, Dataset
 from pyrovae.errors import NonFiniteLossError, PyrovaeError
 from pyrovae.families.kl import describe_kl_methods, kl_methods
 from pyrovae.objectives import make_elbo, why_not_compiled
 from pyrovae.run import METRICS_FILE, TENSORBOARD_DIR, TrainConfig, resolve_device  # noqa: F401
-from pyrovae.svi import FusedOptim, FusedSVI, param_names
+from pyrovae.svi import FusedOptim, FusedSVI, make_lr_schedule, param_names
 from pyrovae.vae import VAE, load_run
 
 log = logging.getLogger("pyrovae")
@@ -52,8 +54,15 @@ DIVERGENCE_FLOOR = 10.0
 
 # Training settings that a resumed run may change; the others define the model,
 # its data or its randomness, and a change would make another run.
+# A changed learning-rate schedule applies as if the run had had it from the start.
 RESUMABLE = ("epochs", "lr", "batch_size", "beta", "kl_anneal", "kl_anneal_start",
-             "free_bits", "device", "jit", "data_dir", "stream", "num_workers", "tensorboard")
+             "free_bits", "device", "jit", "data_dir", "stream", "num_workers", "tensorboard",
+             "lr_schedule", "lr_step", "lr_gamma", "lr_min", "iwae_every", "iwae_samples",
+             "time_budget")
+
+# The periodic test IWAE bound (--iwae-every) evaluates at most this many (importance
+# sample, image) pairs at once: K = 50 takes 163 test images per pass.
+IWAE_ELEMENTS_PER_PASS = 8192
 
 
 # ---------------------------------------------------------------- per-epoch callbacks
@@ -70,9 +79,12 @@ class Callback:
 
 class TestELBO(Callback):
     """The true ELBO (beta = 1, no free bits), KL and reconstruction term on the test
-    set, with Pyro's own estimator; the IWAE bound too for ``--elbo iwae``."""
+    set, with Pyro's own estimator; the IWAE bound too for ``--elbo iwae``.
+    ``ValidationELBO`` is the same on the validation set."""
 
     __test__ = False  # not a pytest test class
+    split = "test"
+    keys = {"elbo": "test_elbo", "kl": "kl", "recon": "recon", "iwae": "test_iwae"}
 
     def __init__(self, config: TrainConfig):
         self.batch_size = config.batch_size
@@ -82,17 +94,75 @@ class TestELBO(Callback):
 
     @torch.no_grad()
     def on_epoch_end(self, trainer, metrics):
-        vae, test = trainer.vae, trainer.data.test
+        vae = trainer.vae
         vae.eval()
-        total_loss, total_iwae = 0.0, 0.0
-        for x in trainer.data.test_batches(self.batch_size):
+        count, total_loss, total_iwae = 0, 0.0, 0.0
+        for x in trainer.data.test_batches(self.batch_size, self.split):
+            count += len(x)
             total_loss += float(self.elbo.differentiable_loss(vae.model, vae.guide, x))
             if self.iwae is not None:
                 total_iwae -= float(self.iwae.differentiable_loss(vae.model, vae.guide, x))
-        result = per_datapoint(self.elbo, total_loss, len(test))
-        metrics.update(test_elbo=result["elbo"], kl=result["kl"], recon=result["recon"])
+        result = per_datapoint(self.elbo, total_loss, count)
+        metrics.update({self.keys[key]: result[key] for key in ("elbo", "kl", "recon")})
         if self.iwae is not None:
-            metrics["test_iwae"] = total_iwae / len(test)
+            metrics[self.keys["iwae"]] = total_iwae / count
+
+
+class ValidationELBO(TestELBO):
+    """``TestELBO`` on the validation set (``val_elbo``, ``val_kl``, ``val_recon``), and
+    the best epoch so far by the validation ELBO: its weights are written to the run
+    folder's best.pt (``run.BEST_CHECKPOINT_FILE``) when it changes, and its number is
+    ``best_epoch`` in every epoch's metrics."""
+
+    split = "valid"
+    keys = {"elbo": "val_elbo", "kl": "val_kl", "recon": "val_recon", "iwae": "val_iwae"}
+
+    def on_epoch_end(self, trainer, metrics):
+        super().on_epoch_end(trainer, metrics)
+        val_elbo, best = metrics["val_elbo"], trainer.best
+        if best is None or val_elbo > best["val_elbo"]:
+            trainer.best = best = {"epoch": metrics["epoch"], "val_elbo": val_elbo}
+            if trainer.out is not None:
+                run.write_checkpoint(trainer.out, {"model": trainer.vae.state_dict(), **best},
+                                     which="best")
+        metrics["best_epoch"] = best["epoch"]
+
+
+class TestIWAE(Callback):
+    """The IWAE bound on log p(x) with ``config.iwae_samples`` importance samples on the
+    test set, every ``config.iwae_every`` epochs and in the last: ``test_iwae_bound``
+    (nats per datapoint), ``iwae_samples`` and ``train_seconds``, the training time so
+    far, for a figure of test NLL against training time.
+
+    It is the objectives' IWAE bound (``make_elbo("iwae", K)``), as ``TestELBO``
+    computes it, not ``pyrovae.evaluation``'s estimator, which comes after training in
+    the package's order. It draws from an RNG stream of its own (seeded with the seed
+    and the epoch), so that asking for it leaves the training itself as it was.
+    """
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, config: TrainConfig):
+        self.every, self.samples = config.iwae_every, config.iwae_samples
+        self.iwae = make_elbo("iwae", self.samples)
+        self.batch_size = max(1, IWAE_ELEMENTS_PER_PASS // self.samples)
+
+    @torch.no_grad()
+    def on_epoch_end(self, trainer, metrics):
+        epoch = metrics["epoch"]
+        if epoch % self.every and epoch != trainer.config.epochs and not trainer.out_of_time:
+            return
+        vae = trainer.vae
+        vae.eval()
+        devices = [trainer.device] if trainer.device.type == "cuda" else []
+        total = 0.0
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(trainer.config.seed + epoch)
+            for x in trainer.data.test_batches(self.batch_size):
+                total -= float(self.iwae.differentiable_loss(vae.model, vae.guide, x))
+        self.iwae.take_terms()  # the recorded terms are not wanted here
+        metrics.update(test_iwae_bound=total / len(trainer.data.test),
+                       iwae_samples=self.samples, train_seconds=trainer.train_seconds)
 
 
 class CollapseDiagnostics(Callback):
@@ -115,6 +185,7 @@ class TensorBoard(Callback):
 
     # metrics key -> TensorBoard tag; grouped by what they measure
     SCALARS = {"train_elbo": "elbo/train", "test_elbo": "elbo/test", "test_iwae": "iwae/test",
+               "val_elbo": "elbo/valid", "test_iwae_bound": "iwae/test_bound",
                "objective": "objective/train", "train_kl": "kl/train", "kl": "kl/test",
                "train_recon": "recon/train", "recon": "recon/test",
                "active_units": "collapse/active_units",
@@ -143,7 +214,7 @@ class TensorBoard(Callback):
         for key, tag in self.SCALARS.items():
             if isinstance(metrics.get(key), (int, float)):
                 self.writer.add_scalar(tag, metrics[key], epoch)
-        self.writer.add_scalar("train/lr", trainer.optim.pt_optim_args["lr"], epoch)
+        self.writer.add_scalar("train/lr", metrics.get("lr", trainer.optim.lr), epoch)
         self.writer.add_scalar("train/beta", trainer.config.beta_at(epoch), epoch)
         if epoch == 1 or epoch % self.image_every == 0 or epoch == trainer.config.epochs:
             self._images(trainer, epoch)
@@ -174,8 +245,10 @@ def _is_image_shape(x_shape: tuple[int, ...]) -> bool:
 
 
 def default_callbacks(config: TrainConfig) -> list[Callback]:
-    return [TestELBO(config), CollapseDiagnostics()] + ([TensorBoard()] if config.tensorboard
-                                                         else [])
+    """TensorBoard comes last, after the callbacks whose metrics it writes."""
+    return ([TestELBO(config)] + ([ValidationELBO(config)] if config.val_size else [])
+            + [CollapseDiagnostics()] + ([TestIWAE(config)] if config.iwae_every else [])
+            + ([TensorBoard()] if config.tensorboard else []))
 
 
 # ---------------------------------------------------------------- step strategies
@@ -384,6 +457,7 @@ class Trainer:
         if config.tensorboard and out is None:
             raise PyrovaeError("--tensorboard (TrainConfig(tensorboard=True)) writes into the "
                                "run folder: give the Trainer out=RUN.")
+        data = self._with_validation(data, config)  # refused, if at all, before the folder
         if out is not None and not _resuming:
             # before any work: a folder that cannot be written, or one holding another
             # run's or the user's files, is refused now, not after an epoch
@@ -402,12 +476,20 @@ class Trainer:
         self.elbo = self.make_objective()
         # torch's fused Adam: one kernel for all parameters, a third of the time of
         # the default one on CPU; the same update up to float rounding
-        self.optim = FusedOptim(torch.optim.Adam, {"lr": config.lr, "fused": True})
+        self.optim = FusedOptim(torch.optim.Adam, {"lr": config.lr, "fused": True},
+                                schedule=make_lr_schedule(
+                                    config.lr_schedule, config.epochs, step=config.lr_step,
+                                    gamma=config.lr_gamma, lr_min=config.lr_min))
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.epoch = 0
         self.saved_epoch: int | None = None  # the epoch of the checkpoint on disk
         self.first_loss: float | None = None  # per datapoint, the scale of divergence
         self.metrics: list[dict] = []
+        # the best epoch by the validation ELBO, {"epoch", "val_elbo"} (ValidationELBO)
+        self.best: dict | None = None
+        # the wall time of the epochs' steps so far, without checkpoints and callbacks
+        self.train_seconds = 0.0
+        self.out_of_time = False  # --time-budget spent: the current epoch is the last
         self.aggressive = AggressiveStep(self) if config.aggressive else None
         self._check_data()
 
@@ -441,6 +523,28 @@ class Trainer:
                 "bits in one process (without torchrun), or leave --free-bits out.")
 
     # ------------------------------------------------------------ set-up
+    @staticmethod
+    def _with_validation(data: Dataset, config: TrainConfig) -> Dataset:
+        """The data with the validation set that ``config.val_size`` asks for: held out
+        here from data passed in without one, so that a Python caller gets what the
+        config (and with it config.json) says."""
+        if data.valid is not None and not config.val_size:
+            raise PyrovaeError(
+                "the data hold a validation set, but TrainConfig.val_size is 0, so config.json "
+                "would not rebuild it: set val_size to the count it was held out with (or "
+                "'official'), or pass the data without it.")
+        if config.val_size and data.valid is None:
+            if config.val_size == OFFICIAL_VALIDATION:
+                raise PyrovaeError(
+                    f"val_size={OFFICIAL_VALIDATION!r} needs the data set's own validation "
+                    f"split: load the data with load_dataset('binarized-mnist', ..., "
+                    f"val_size={OFFICIAL_VALIDATION!r}).")
+            if data.streamed:
+                raise PyrovaeError("a validation set is held out of a training set in memory; "
+                                   "load the data without streaming (stream=False).")
+            return data.hold_out_validation(config.val_size, config.seed)
+        return data
+
     def _check_data(self):
         if self.data.streamed:  # its training batches are checked as they are read
             self.vae.check_data(self.data.test, "test set")
@@ -452,6 +556,8 @@ class Trainer:
         else:
             self.vae.check_data(self.data.train, "training set")
         self.vae.check_data(self.data.test, "test set")
+        if self.data.valid is not None:
+            self.vae.check_data(self.data.valid, "validation set")
 
     def _save(self, interrupted_at_step: int | None = None):
         """The checkpoint, config and metrics; the RNG state saved is the current one."""
@@ -488,6 +594,7 @@ class Trainer:
             "rng": rng,
             "aggressive": {"on": aggressive is not None,
                            "mutual_info": aggressive.mutual_info if aggressive else []},
+            "train_seconds": self.train_seconds,
         })
         self.saved_epoch = self.epoch
 
@@ -530,6 +637,12 @@ class Trainer:
         trainer.saved_epoch = checkpoint["epoch"]
         trainer.optim.set_state(checkpoint["optimizer"])
         trainer.epoch = checkpoint["epoch"]
+        # the schedule's position: the epochs done (the optimizer replays them, svi.FusedOptim)
+        trainer.optim.schedule_steps = checkpoint["epoch"]
+        trainer.train_seconds = checkpoint.get("train_seconds", 0.0)
+        if config.val_size and run.checkpoint_path(folder, "best").is_file():
+            best = run.read_checkpoint(folder, which="best")
+            trainer.best = {"epoch": best["epoch"], "val_elbo": best["val_elbo"]}
         if "aggressive" in checkpoint:
             saved = checkpoint["aggressive"]
             trainer.aggressive = AggressiveStep(trainer, saved["mutual_info"]) \
@@ -585,6 +698,11 @@ class Trainer:
             log.info(f"data-parallel training on {self.world_size} processes "
                      f"({torch.distributed.get_backend()}): each takes its block of every batch "
                      f"of {self.config.batch_size}")
+        if self._out_of_time():  # a resumed run whose budget was spent already
+            log.info(f"no epoch to train: the time budget (--time-budget "
+                     f"{self.config.time_budget:g}) was spent in {self.train_seconds:.0f} s of "
+                     f"steps; resume with a larger --time-budget to go on.")
+            return self.metrics
         while self.epoch < self.config.epochs:
             epoch = self.epoch + 1
             started = time.perf_counter()
@@ -593,6 +711,7 @@ class Trainer:
                 for objective in self.aggressive.objectives if self.aggressive else [self.elbo]:
                     objective.beta = beta
             aggressive = self.aggressive
+            steps_started = time.perf_counter()
             try:
                 train = self._train_epoch(parallel or aggressive or plain, epoch)
             except _Interrupted as interrupt:
@@ -603,9 +722,13 @@ class Trainer:
                     f"{self._kept_checkpoint()} Try a smaller "
                     f"--lr, check the data for extreme values, or a likelihood with a variance "
                     f"floor (gaussian keeps sigma above min_scale).") from None
+            self.train_seconds += time.perf_counter() - steps_started
+            self.out_of_time = self._out_of_time()
             self.epoch = epoch
             metrics = {"epoch": epoch, "train_elbo": train["elbo"], "train_kl": train["kl"],
-                       "train_recon": train["recon"], "objective": train["objective"]}
+                       "train_recon": train["recon"], "objective": train["objective"],
+                       "lr": self.optim.lr}  # the epoch's: the schedule steps next
+            self.optim.step_schedule()
             if self.config.kl_weighted:
                 metrics["beta"] = beta
             # the epoch's steps are saved before any extra runs: an extra that fails or
@@ -632,7 +755,23 @@ class Trainer:
             self._save()
             log.info(f"epoch {epoch}/{self.config.epochs}  train ELBO {train['elbo']:.3f}"
                      + _extras(metrics) + "  (nats per datapoint)")
+            if self.out_of_time:
+                log.info(f"time budget reached: {self.train_seconds:.0f} s of training steps "
+                         f"(--time-budget {self.config.time_budget:g}); the run ends after "
+                         f"epoch {epoch} of {self.config.epochs}.")
+                break
         return self.metrics
+
+    def _out_of_time(self) -> bool:
+        """Whether the steps' time has reached the budget: the same answer on every
+        process of a data-parallel run (whose clocks differ), or they would wait for each
+        other at the next step."""
+        if self.config.time_budget is None:
+            return False
+        spent = self.train_seconds >= self.config.time_budget
+        if self.world_size > 1:
+            spent = distributed.all_reduce_sum([float(spent)], self.device)[0] > 0
+        return spent
 
     def _run_callback(self, callback: Callback, metrics: dict) -> None:
         """A failing extra is logged with its reason and named in the metrics; the run
@@ -715,10 +854,11 @@ def per_datapoint(objective, total_loss: float, n: int, terms: dict | None = Non
 
 def _extras(metrics: dict) -> str:
     """The log line's optional part; the objective only where it is not the ELBO."""
-    shown = {"test_elbo": "test ELBO", "kl": "KL", "recon": "recon"}
+    shown = {"test_elbo": "test ELBO", "kl": "KL", "recon": "recon", "val_elbo": "val ELBO"}
     if "test_iwae" in metrics or "beta" in metrics:
         shown["objective"] = "objective"
-    labels = {**shown, "test_iwae": "test IWAE", "beta": "beta", "active_units": "active units",
+    labels = {**shown, "test_iwae": "test IWAE", "test_iwae_bound": "test IWAE bound",
+              "beta": "beta", "active_units": "active units",
               "mutual_information": "MI"}
     return "".join(f"  {label} {metrics[key]:.3f}" if isinstance(metrics[key], float) else
                    f"  {label} {metrics[key]}" for key, label in labels.items() if key in metrics)

@@ -68,6 +68,19 @@ def train_refused(capsys, tmp_path, *args) -> str:
     (["--aggressive", "--aggressive-patience", "0"],
      "--aggressive-patience must be a positive integer, got 0"),
     (["--seed", "-1"], "--seed must be a non-negative integer below 2**32, got -1"),
+    (["--val-size", "-5"], "--val-size (val_size=) must be a non-negative integer"),
+    (["--val-size", "0.2"], "--val-size (val_size=) must be a non-negative integer"),
+    (["--val-size", "1500"], "--val-size (val_size=) 1500 would leave no training images"),
+    (["--val-size", "official"], "only binarized-mnist has, not digits"),
+    (["--lr-schedule", "step"], "--lr-schedule step needs --lr-step N"),
+    (["--lr-schedule", "step", "--lr-step", "0"], "--lr-step must be a positive integer"),
+    (["--lr-schedule", "step", "--lr-step", "2", "--lr-gamma", "0"],
+     "--lr-gamma must be a positive finite number"),
+    (["--lr-schedule", "cosine", "--lr-min", "0.01"], "--lr-min (0.01) must be below --lr"),
+    (["--lr-min", "0.0001"], "--lr-min sets the cosine schedule"),
+    (["--lr-schedule", "burda", "--epochs", "4000"], "burda ends after 3280 epochs"),
+    (["--iwae-every", "-2"], "--iwae-every must be a non-negative integer, got -2"),
+    (["--iwae-every", "5", "--iwae-samples", "0"], "--iwae-samples must be a positive integer"),
 ])
 def test_training_values_out_of_range_are_refused_before_the_data(
         capsys, tmp_path, no_data, args, message):

@@ -16,7 +16,9 @@ from pyrovae.plots import (
     pixel_size,
     plot_latent_bubbles,
     plot_manifold,
+    plot_time_to_quality,
     prior_quantiles,
+    save,
     write_figures,
 )
 from pyrovae.training import Trainer, TrainConfig
@@ -190,3 +192,20 @@ def test_bubbles_of_a_larger_latent_are_drawn_in_the_principal_plane(digits):
 def test_bubbles_need_two_latent_dimensions(digits):
     with pytest.raises(PyrovaeError, match="z_dim >= 2"):
         plot_latent_bubbles(VAE(digits.x_shape, z_dim=1), digits.test)
+
+
+def test_time_to_quality_draws_each_runs_nll_bound_against_minutes(tmp_path):
+    curves = {"a": [{"train_seconds": 60.0, "test_iwae_bound": -95.0},
+                    {"train_seconds": 120.0, "test_iwae_bound": -90.0}],
+              "b": [{"train_seconds": 30.0, "test_iwae_bound": -99.0}]}
+    fig = plot_time_to_quality(curves, 86.76, "paper")
+    lines = fig.axes[0].get_lines()
+    assert [line.get_label() for line in lines] == ["a", "b", "paper"]
+    np.testing.assert_array_equal(lines[0].get_xdata(), [1.0, 2.0])  # minutes
+    np.testing.assert_array_equal(lines[0].get_ydata(), [95.0, 90.0])  # -bound: NLL bound
+    assert list(lines[2].get_ydata()) == [86.76, 86.76]
+    save(fig, tmp_path / "time_to_quality.png")
+    height, width = matplotlib.image.imread(tmp_path / "time_to_quality.png").shape[:2]
+    assert (width, height) == pixel_size("time_to_quality")
+    with pytest.raises(PyrovaeError, match="--iwae-every"):
+        plot_time_to_quality({"a": []})

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pyrovae.cli import plain, positive_int, seed_int
 from pyrovae.evaluation.marginal import DEFAULT_MAX_ELEMENTS, MIN_SAMPLES_FOR_KHAT
-from pyrovae.pipelines import DEFAULT_NUM_SAMPLES, METHODS, evaluate_run
+from pyrovae.pipelines import CHECKPOINT_CHOICES, DEFAULT_NUM_SAMPLES, METHODS, evaluate_run
 
 
 def add_parser(sub):
@@ -22,6 +22,11 @@ def add_parser(sub):
                    help="is: importance sampling with q(z|x); ais: annealed importance "
                         "sampling, for when k-hat flags IS; bdmc: the AIS bounds on data "
                         "simulated from the model (default %(default)s)")
+    p.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES, default="last",
+                   help="the weights to evaluate: last (checkpoint.pt, the end of training) or "
+                        "best (best.pt, the epoch with the best validation ELBO, of a run "
+                        "trained with --val-size); the summary names them (default "
+                        "%(default)s)")
     p.add_argument("--num-samples", type=positive_int, metavar="K",
                    help=f"importance samples K per image (default "
                         f"{DEFAULT_NUM_SAMPLES['is']}, as in the papers; PSIS k-hat needs K >= "
@@ -57,5 +62,6 @@ def run(args) -> int:
                  num_steps=args.ais_steps, leapfrog_steps=args.leapfrog_steps,
                  num_simulated=args.num_simulated, max_elements=args.max_elements,
                  num_images=args.num_images, subset_size=args.subset_size, seed=args.seed,
-                 device=args.device, data_dir=args.data_dir, progress=not args.no_progress)
+                 device=args.device, data_dir=args.data_dir, progress=not args.no_progress,
+                 checkpoint=args.checkpoint)
     return 0

@@ -16,6 +16,7 @@ from pyrovae.data import (
     BINARIZE_MODES,
     DATASET_NAMES,
     DEFAULT_TEST_SIZE,
+    OFFICIAL_VALIDATION,
     STREAM_THRESHOLD_BYTES,
     load_dataset,
 )
@@ -39,9 +40,12 @@ from pyrovae.networks import (
 )
 from pyrovae.objectives import ESTIMATORS, OBJECTIVES
 from pyrovae.run import (
+    BEST_CHECKPOINT_FILE,
+    BURDA_EPOCHS,
     CHECKPOINT_FILE,
     CONFIG_FILE,
     DIGITS_BATCH_SIZE,
+    LR_SCHEDULES,
     METRICS_FILE,
     ModelConfig,
     claim_folder,
@@ -73,6 +77,13 @@ def add_parser(sub):
                            "which is already binary, threshold for digits and dynamic for the "
                            "others with --likelihood bernoulli, none for the other "
                            "likelihoods")
+    data.add_argument("--val-size", type=count_or_name, default=TRAINING.val_size,
+                      metavar="N_OR_OFFICIAL",
+                      help=f"hold N training images out as a validation set (drawn with "
+                           f"--seed), or {OFFICIAL_VALIDATION}: binarized-mnist's own 10,000 "
+                           f"validation images; each epoch then reports the validation ELBO "
+                           f"and RUN/{BEST_CHECKPOINT_FILE} keeps the best epoch's weights "
+                           f"(default %(default)s: none)")
     own = p.add_argument_group("your own data (with --dataset PATH)")
     own.add_argument("--test", dest="test_data", metavar="PATH",
                      help="the test set, a file or folder like --dataset's (default: "
@@ -160,13 +171,27 @@ def add_parser(sub):
                      help="run the SVI step eagerly; by default the trace and meanfield steps "
                           "are compiled by pyro.ops.jit (same loss, less Python per step)")
     fit.add_argument("--epochs", type=int, metavar="N",
-                     help=f"total epochs (default {TRAINING.epochs}; with --resume, the "
-                          "run's own)")
+                     help=f"total epochs (default {TRAINING.epochs}, {BURDA_EPOCHS} with "
+                          f"--lr-schedule burda; with --resume, the run's own)")
     fit.add_argument("--batch-size", type=int, metavar="N",
                      help=f"training images per step (default {DIGITS_BATCH_SIZE} for digits, "
                           f"else {TRAINING.batch_size})")
     fit.add_argument("--lr", type=float, default=TRAINING.lr,
-                     help="Adam learning rate, a positive number" + D)
+                     help="Adam learning rate, a positive number; the base of --lr-schedule"
+                          + D)
+    fit.add_argument("--lr-schedule", default=TRAINING.lr_schedule, choices=LR_SCHEDULES,
+                     help=f"the learning rate per epoch: constant; burda: --lr * 10**(-i/7) "
+                          f"for 3**i epochs, i = 0 ... 7 (Burda et al. 2016; {BURDA_EPOCHS} "
+                          f"epochs, the default --epochs with it); step: times --lr-gamma "
+                          f"every --lr-step epochs; cosine: from --lr down towards --lr-min "
+                          f"over --epochs" + D)
+    fit.add_argument("--lr-step", type=int, metavar="EPOCHS",
+                     help="the step schedule's epochs between two decays (needed by "
+                          "--lr-schedule step)")
+    fit.add_argument("--lr-gamma", type=float, default=TRAINING.lr_gamma,
+                     help="the step schedule's factor per decay, in (0, 1]" + D)
+    fit.add_argument("--lr-min", type=float, default=TRAINING.lr_min,
+                     help="the learning rate the cosine schedule decays to, below --lr" + D)
     fit.add_argument("--seed", type=int, default=TRAINING.seed,
                      help="seeds the weights, the sampling and the data order, 0 to "
                           "2**32 - 1" + D)
@@ -185,6 +210,16 @@ def add_parser(sub):
     fit.add_argument("--tensorboard", action="store_true",
                      help="write the metrics and image grids for TensorBoard into "
                           "RUN/tensorboard (pip install 'pyrovae[tensorboard]')")
+    fit.add_argument("--iwae-every", type=int, default=TRAINING.iwae_every, metavar="EPOCHS",
+                     help="every EPOCHS epochs and in the last, the test set's IWAE bound with "
+                          "--iwae-samples samples, with the training time so far, into "
+                          "metrics.json; 0: never" + D)
+    fit.add_argument("--iwae-samples", type=int, default=TRAINING.iwae_samples, metavar="K",
+                     help="importance samples of --iwae-every's bound" + D)
+    fit.add_argument("--time-budget", type=float, metavar="SECONDS",
+                     help="end the run after the epoch in which the training steps' time "
+                          "reaches SECONDS (the checkpoints and per-epoch evaluations not "
+                          "counted); default: every epoch")
     fit.add_argument("--eval-samples", type=positive_int, metavar="K",
                      help="at the end, estimate the test-set log p(x) with K importance samples "
                           "(as pyrovae evaluate; papers use 5000; default: no evaluation)")
@@ -203,6 +238,15 @@ def fraction_or_count(text: str):
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"must be a fraction between 0 and 1 or a count, got {text!r}") from None
+
+
+def count_or_name(text: str):
+    """An argparse ``type`` for --val-size: an integer count, else the word as given
+    (``TrainConfig.validate`` names what it accepts)."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def run(args) -> int:
@@ -325,9 +369,14 @@ def build_trainer(args, progress: bool) -> Trainer:
                          test_data=args.test_data, test_size=args.test_size,
                          image_size=args.image_size, csv_columns=args.csv_columns,
                          stream=args.stream, num_workers=args.num_workers,
-                         tensorboard=args.tensorboard,
+                         tensorboard=args.tensorboard, val_size=args.val_size,
                          elbo=args.elbo, num_particles=args.num_particles,
-                         epochs=TRAINING.epochs if args.epochs is None else args.epochs,
+                         epochs=default_epochs(args.lr_schedule) if args.epochs is None
+                         else args.epochs,
+                         lr_schedule=args.lr_schedule, lr_step=args.lr_step,
+                         lr_gamma=args.lr_gamma, lr_min=args.lr_min,
+                         iwae_every=args.iwae_every, iwae_samples=args.iwae_samples,
+                         time_budget=args.time_budget,
                          batch_size=TrainConfig.default_batch_size(args.dataset)
                          if args.batch_size is None else args.batch_size,
                          lr=args.lr, seed=args.seed, device=args.device,
@@ -376,6 +425,11 @@ def build_trainer(args, progress: bool) -> Trainer:
     return Trainer(vae, data, config, out=out, progress=progress, overwrite=args.overwrite)
 
 
+def default_epochs(lr_schedule: str) -> int:
+    """Burda et al.'s schedule is 3280 epochs long; the others run the default epochs."""
+    return BURDA_EPOCHS if lr_schedule == "burda" else TRAINING.epochs
+
+
 def _family(flag: str, kind: str, name: str, make, size, kwargs: dict):
     """The family ``name`` built with the user's ``kwargs``, to refuse bad parameters
     before any work. A family that does not check its parameters may fail with a
@@ -396,3 +450,7 @@ def summarize(trainer: Trainer, metrics: list[dict]) -> None:
              f"datapoint (KL {last['kl']:.3f}, recon {last['recon']:.3f}); "
              f"{sum(m['seconds'] for m in metrics):.1f} s of training. "
              f"Outputs in {trainer.out}: {CONFIG_FILE}, {CHECKPOINT_FILE}, {METRICS_FILE}.")
+    if trainer.best is not None:
+        log.info(f"best validation ELBO {trainer.best['val_elbo']:.3f} in epoch "
+                 f"{trainer.best['epoch']}: its weights are {BEST_CHECKPOINT_FILE} (pyrovae "
+                 f"evaluate {trainer.out} --checkpoint best).")

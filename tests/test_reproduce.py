@@ -1,0 +1,115 @@
+"""benchmarks/reproduce.py: every preset end to end in its smoke mode, and the report."""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "reproduce.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+reproduce = load_script()
+REQUIRED_KEYS = {"nll", "train_seconds", "dataset", "binarize", "device"}
+
+
+def test_list_shows_every_preset_with_its_command():
+    listed = subprocess.run([sys.executable, str(SCRIPT), "--list"], capture_output=True,
+                            text=True, check=True).stdout
+    for name, preset in reproduce.PRESETS.items():
+        assert name in listed
+        assert reproduce.command(["train", *preset.train_flags()]) in listed
+
+
+def test_the_burda_presets_fix_burdas_set_up():
+    for name in ("dmnist-vae", "dmnist-iwae5", "dmnist-iwae50"):
+        flags = reproduce.PRESETS[name].train_flags()
+        assert flags[flags.index("--lr-schedule") + 1] == "burda"
+        assert flags[flags.index("--epochs") + 1] == "3280"
+        assert flags[flags.index("--arch") + 1] == "burda-1layer"
+        assert flags[flags.index("--binarize") + 1] == "dynamic"
+    iwae5 = reproduce.PRESETS["dmnist-iwae5"].train_flags()
+    assert iwae5[iwae5.index("--num-particles") + 1] == "5"
+    static = reproduce.PRESETS["smnist-vae"].train_flags()
+    assert static[static.index("--val-size") + 1] == "official"
+
+
+@pytest.mark.parametrize("name", list(reproduce.PRESETS))
+def test_every_preset_runs_end_to_end_in_smoke_mode(name, shared_data_dir, tmp_path):
+    result = reproduce.reproduce(name, tmp_path / "runs", tmp_path / "results", smoke=True)
+    written = json.loads((tmp_path / "results" / f"{name}.json").read_text())
+    assert written == json.loads(json.dumps(result))
+    assert REQUIRED_KEYS <= set(written)
+    assert written["smoke"] is True and written["epochs"] == 1
+    preset = reproduce.PRESETS[name]
+    assert (written["dataset"], written["device"]) == (preset.dataset, "cpu")
+    assert written["binarize"] == ("none" if preset.binarize == "static" else preset.binarize)
+    assert written["checkpoint"] == ("best" if preset.val_size else "last")
+    for key in ("nll", "nll_se", "ais_nll", "elbo", "train_seconds"):
+        assert math.isfinite(written[key]), key
+    # the IWAE bound and the ELBO are lower bounds of log p(x), so -ELBO >= the NLL
+    # estimate of the same samples, whose mean it is
+    assert -written["elbo"] >= written["nll"]
+    assert written["test_iwae_curve"] and written["test_iwae_curve"][-1]["epoch"] == 1
+    assert written["commands"][0].startswith("pyrovae train --dataset ")
+
+
+def test_report_tables_the_results_and_draws_the_curve(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    base = {"smoke": False, "epochs": 10, "train_seconds": 600.0, "nll": 90.0, "nll_se": 0.25,
+            "ais_nll": 89.0, "ais_images": 1000, "khat_frac_above_0_7": 0.9,
+            "machine": {"cuda": None, "cores": 2}, "pythae": None}
+    for name, nll in (("dmnist-vae", 90.0), ("dmnist-iwae5", 89.0)):
+        record = {**base, "preset": name, "nll": nll, "paper": reproduce.PRESETS[name].paper,
+                  "test_iwae_curve": [{"epoch": 5, "train_seconds": 300.0,
+                                       "test_iwae_bound": -nll - 2},
+                                      {"epoch": 10, "train_seconds": 600.0,
+                                       "test_iwae_bound": -nll - 1}]}
+        (results / f"{name}.json").write_text(json.dumps(record))
+    (results / "smoke.json").write_text(json.dumps({**base, "preset": "x", "smoke": True}))
+    table = reproduce.report(results).splitlines()
+    assert len(table) == 4  # the header, its rule and the two real results, not the smoke
+    assert "| `dmnist-vae` | 10 | 600 s, 2-core CPU | 90.00 ± 0.25 |" in table[2]
+    assert "86.76" in table[2]
+    assert (results / reproduce.FIGURE).stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["no-such-preset"], "unknown"),
+    (["dmnist-vae", "--epochs", "0"], "--epochs must be a positive"),
+    (["dmnist-vae", "--time-budget", "-5"], "--time-budget must be a positive"),
+])
+def test_bad_arguments_are_refused_before_any_work(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        reproduce.main(argv + ["--runs-dir", str(tmp_path / "runs")])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_evaluate_only_evaluates_a_run_trained_before_and_refuses_others(shared_data_dir,
+                                                                         tmp_path):
+    runs = tmp_path / "runs"
+    first = reproduce.reproduce("dmnist-vae", runs, tmp_path / "a", smoke=True)
+    again = reproduce.reproduce("dmnist-vae", runs, tmp_path / "b", smoke=True,
+                                evaluate_only=True)
+    # the same checkpoint, evaluated with the same seeds (same machine, same process)
+    for key in ("nll", "ais_nll", "elbo", "train_seconds", "train_command_seconds",
+                "commands", "epochs"):
+        assert again[key] == first[key], key
+    (runs / "dmnist-iwae5").mkdir()
+    with pytest.raises(reproduce.PyrovaeError, match="holds no dmnist-iwae5.training.json"):
+        reproduce.reproduce("dmnist-iwae5", runs, tmp_path / "c", evaluate_only=True)
+    assert not (tmp_path / "c").exists()
