@@ -258,6 +258,12 @@ class Dataset:
         return (uniform[offset : offset + len(batch)] < batch).to(batch.dtype)
 
 
+def is_image_shape(x_shape: tuple[int, ...]) -> bool:
+    """Whether datapoints of this shape are pictures: (H, W), or (C, H, W) with one or
+    three channels; tabular rows (D,) and other shapes are not."""
+    return len(x_shape) == 2 or (len(x_shape) == 3 and x_shape[0] in (1, 3))
+
+
 def _batch_rows(num: int, batch_size: int, shard: tuple[int, int] | None
                 ) -> Iterator[tuple[int, int, int, int]]:
     """For each batch of an epoch over ``num`` rows: where it starts in the epoch's

@@ -25,6 +25,7 @@ from torchvision.utils import make_grid
 
 from pyrovae.atomic import atomic_write
 from pyrovae.collapse import factorizes, kl_per_dim, layer_kl_per_dim
+from pyrovae.data import is_image_shape
 from pyrovae.errors import PyrovaeError
 from pyrovae.evaluation.diagnostics import import_arviz
 from pyrovae.evaluation.marginal import KHAT_THRESHOLD, MIN_SAMPLES_FOR_KHAT
@@ -69,19 +70,23 @@ def write_figures(run_folder, vae, dataset, metrics: list[dict] | None = None,
                   seed: int = 0) -> list[Path]:
     """Write every figure that applies into ``run_folder``; return their paths.
 
-    The manifold needs a 2-D latent, and the KL per dimension a prior and guide
+    The pictures of data (reconstructions, prior samples, interpolation, manifold)
+    need image data (``is_image_shape``: not tabular rows); the manifold a 2-D
+    latent, and the KL per dimension a prior and guide
     that factorize over dimensions; the training curves need
     ``metrics`` (the list in metrics.json). The test images to show are chosen with ``seed``;
     prior draws use a private RNG stream seeded with it too.
     """
     folder = Path(run_folder)
     folder.mkdir(parents=True, exist_ok=True)
+    images = is_image_shape(vae.x_shape)
     figures = {
         "reconstructions": lambda: plot_reconstructions(vae, dataset.test, seed),
         "prior_samples": lambda: plot_prior_samples(vae, seed),
         "interpolation": lambda: plot_interpolation(vae, dataset.test, seed),
-        "latent_scatter": lambda: plot_latent_scatter(vae, dataset.test, dataset.test_labels),
-    }
+    } if images else {}
+    figures["latent_scatter"] = lambda: plot_latent_scatter(vae, dataset.test,
+                                                            dataset.test_labels)
     with vae.evaluating():
         factorized = factorizes(vae.prior_distribution()) and factorizes(
             vae.encode(dataset.test[:2].to(vae.device)))
@@ -89,7 +94,7 @@ def write_figures(run_folder, vae, dataset, metrics: list[dict] | None = None,
         figures["kl_per_dim"] = lambda: plot_kl_per_dim(vae, dataset.test, seed)
     # with several stochastic layers, q(z1|x) has no p(z1) in closed form to set it against
     one_layer = len(getattr(vae, "sites", "z")) == 1
-    if one_layer and vae.z_dim == 2:  # the prior's quantiles alone: any prior and guide
+    if images and one_layer and vae.z_dim == 2:  # the prior's quantiles: any prior and guide
         figures["manifold"] = lambda: plot_manifold(vae)
     if one_layer and vae.z_dim >= 2:
         figures["latent_bubbles"] = lambda: plot_latent_bubbles(

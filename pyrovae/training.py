@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from pyrovae import distributed, run
 from pyrovae.collapse import collapse_diagnostics
-from pyrovae.data import OFFICIAL_VALIDATION, Dataset
+from pyrovae.data import OFFICIAL_VALIDATION, Dataset, is_image_shape
 from pyrovae.errors import NonFiniteLossError, PyrovaeError
 from pyrovae.families.kl import describe_kl_methods, kl_methods
 from pyrovae.objectives import make_elbo, why_not_compiled
@@ -222,7 +222,7 @@ class TensorBoard(Callback):
 
     def _images(self, trainer, epoch: int) -> None:
         vae = trainer.vae
-        if not _is_image_shape(vae.x_shape):
+        if not is_image_shape(vae.x_shape):
             return  # tabular data: no picture to draw
         from torchvision.utils import make_grid
 
@@ -237,11 +237,6 @@ class TensorBoard(Callback):
             if images.dim() == 3:
                 images = images.unsqueeze(1)
             self.writer.add_image(tag, make_grid(images, nrow=8, pad_value=1.0), epoch)
-
-
-def _is_image_shape(x_shape: tuple[int, ...]) -> bool:
-    """(H, W), or (C, H, W) with one or three channels."""
-    return len(x_shape) == 2 or (len(x_shape) == 3 and x_shape[0] in (1, 3))
 
 
 def default_callbacks(config: TrainConfig) -> list[Callback]:

@@ -209,3 +209,15 @@ def test_time_to_quality_draws_each_runs_nll_bound_against_minutes(tmp_path):
     assert (width, height) == pixel_size("time_to_quality")
     with pytest.raises(PyrovaeError, match="--iwae-every"):
         plot_time_to_quality({"a": []})
+
+
+def test_tabular_data_gets_the_latent_figures_and_no_pictures(tmp_path, capsys):
+    rows = np.random.default_rng(0).normal(size=(200, 6)).astype("float32")
+    np.save(tmp_path / "table.npy", rows)
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", str(tmp_path / "table.npy"), "--likelihood", "gaussian",
+                 "--epochs", "1", "--z-dim", "2", "--out", str(out), "--no-progress"]) == 0
+    assert "figures failed" not in capsys.readouterr().out
+    names = ["latent_scatter", "kl_per_dim", "latent_bubbles", "training_curves"]
+    assert_figures([out / FIGURE_FILES[n] for n in names], names)
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(FIGURE_FILES[n] for n in names)
