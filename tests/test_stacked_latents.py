@@ -224,3 +224,26 @@ def test_diagnostics_per_layer_on_the_linear_model():
     per_draw = float(((gram * variance[0] / S2**2).square().sum() / 2).sqrt())
     se = per_draw / math.sqrt(len(x) * 16)  # 16 draws per datapoint (layer_kl_per_dim)
     assert total == pytest.approx(exact, abs=4 * se)
+
+
+def test_the_arviz_export_holds_every_layer_drawn_from_the_guide():
+    from pyrovae.evaluation import posterior_draws
+
+    vae, x, _ = two_layer_linear_gaussian(n=3)
+    chains, draws = 2, 2000
+    data = posterior_draws(vae, x, num_draws=draws, num_chains=chains)
+    assert set(data.posterior.data_vars) == {"z1", "z2"}
+    assert data.posterior["z1"].dims == ("chain", "draw", "datapoint", "latent1")
+    assert data.posterior["z2"].shape == (chains, draws, 3, Z2)
+    # z2 is drawn from q(z2|z1) at each draw of z1: its mean over the draws is the mean of
+    # q(z2|z1) at q(z1|x)'s mean (the guide is linear), within 4 standard errors of the
+    # draws' mean
+    with torch.no_grad():
+        q1 = vae.encode(x)
+        q2 = vae.layer_guides[0](vae.up_nets[0](q1.mean))
+        q2_draws = vae.layer_guides[0](vae.up_nets[0](q1.sample((4000,))))
+    z2 = torch.as_tensor(data.posterior["z2"].values).reshape(-1, 3, Z2)
+    se = q2_draws.sample().std(0) / math.sqrt(chains * draws)
+    assert ((z2.mean(0) - q2.mean).abs() < 4 * se).all()
+    z1 = torch.as_tensor(data.posterior["z1"].values).reshape(-1, 3, Z1)
+    assert ((z1.mean(0) - q1.mean).abs() < 4 * q1.stddev / math.sqrt(chains * draws)).all()

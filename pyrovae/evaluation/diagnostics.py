@@ -10,6 +10,9 @@ import logging
 import warnings
 
 import numpy as np
+import pyro
+import torch
+from pyro import poutine
 
 from pyrovae.collapse import (  # noqa: F401  (re-exported for one release)
     ACTIVITY_THRESHOLD,
@@ -24,6 +27,7 @@ from pyrovae.collapse import (  # noqa: F401  (re-exported for one release)
 from pyrovae.errors import PyrovaeError
 from pyrovae.vae import VAE
 
+DRAW_BATCH = 1000  # datapoints whose draws are made at once
 
 def model_device(vae) -> "torch.device":  # noqa: F821
     """Kept for one release: use ``vae.device``."""
@@ -61,27 +65,42 @@ def import_arviz():
 
 def posterior_draws(vae, x: torch.Tensor, num_draws: int = 1000, num_chains: int = 4,
                     datapoints=None, seed: int = 0):
-    """Draws of z from q(z|x) for the datapoints ``x``, as ``arviz.InferenceData``.
+    """Draws of the latents from the guide q for the datapoints ``x``, as
+    ``arviz.InferenceData``.
 
-    The posterior group holds the variable ``z`` with dims (chain, draw,
-    datapoint, latent); ``datapoints`` names the rows of ``x`` (default 0..N-1),
-    e.g. their indices in the test set. The draws are independent, so every
-    chain is an i.i.d. sample of q and ``az.summary`` reports r_hat near 1.
+    The posterior group holds one variable per latent site, named as the model
+    names it: ``z``, or ``z1``, ``z2``, ... with several stochastic layers (drawn
+    together, each layer from q given the draw below it), with dims (chain, draw,
+    datapoint, latent) (``latent1``, ``latent2``, ... for the layers).
+    ``datapoints`` names the rows of ``x`` (default 0..N-1), e.g. their indices in
+    the test set. The draws are independent, so every chain is an i.i.d. sample of
+    q and ``az.summary`` reports r_hat near 1.
     """
     if num_draws < 1 or num_chains < 1:
         raise PyrovaeError(f"num_draws={num_draws} and num_chains={num_chains} must be >= 1.")
-    with vae.evaluating(seed):
-        q = vae.encode(x, batch_size=1000)
-        z = q.sample((num_chains, num_draws)).cpu().numpy()
-    n, z_dim = z.shape[-2:]
+    n = len(x)
     datapoints = np.arange(n) if datapoints is None else np.asarray(datapoints)
     if datapoints.shape != (n,):
         raise PyrovaeError(f"datapoints names {datapoints.shape} rows, but x has {n}; "
                            f"pass one name per row of x.")
+    draws = {site: [] for site in vae.sites}
+    with vae.evaluating(seed), torch.no_grad():
+        for chunk in x.split(DRAW_BATCH):
+            # the guide itself, vectorized over the draws as the IS evaluator runs it: every
+            # latent site, each layer drawn given the one below
+            with pyro.plate("draws", num_chains * num_draws, dim=-2):
+                trace = poutine.trace(vae.guide).get_trace(chunk.to(vae.device))
+            for site in vae.sites:
+                draws[site].append(trace.nodes[site]["value"].cpu())
+    dims = {site: "latent" if site == "z" else f"latent{site[1:]}" for site in vae.sites}
+    posterior = {site: torch.cat(values, dim=1).reshape(
+        (num_chains, num_draws) + (n,) + values[0].shape[-1:]).numpy()
+        for site, values in draws.items()}
     az = import_arviz()
     return az.from_dict(
-        posterior={"z": z},
-        coords={"datapoint": datapoints, "latent": np.arange(z_dim)},
-        dims={"z": ["datapoint", "latent"]},
+        posterior=posterior,
+        coords={"datapoint": datapoints,
+                **{dims[site]: np.arange(value.shape[-1]) for site, value in posterior.items()}},
+        dims={site: ["datapoint", dims[site]] for site in vae.sites},
         attrs={"guide": vae.guide_family.name, "source": "pyrovae q(z|x)"},
     )
