@@ -182,7 +182,7 @@ def reproduce(name: str, runs_dir: Path, results_dir: Path, epochs: int | None =
               time_budget: float | None = None, smoke: bool = False, device: str = "auto",
               overwrite: bool = False, evaluate_only: bool = False) -> dict:
     """Train the preset into ``runs_dir/name`` (unless ``evaluate_only``: a run trained
-    by this script before, say in an earlier session), evaluate it, and write
+    by this script before, whose evaluation failed or was stopped), evaluate it, and write
     ``results_dir/name.json``; return what it holds."""
     preset = PRESETS[name]
     run = runs_dir / name
@@ -323,7 +323,8 @@ def main(argv=None) -> int:
                         help="replace an earlier run of the preset in --runs-dir")
     parser.add_argument("--evaluate-only", action="store_true",
                         help="evaluate the preset's run in --runs-dir, trained by this script "
-                             "before (the training and its evaluation may take two sessions)")
+                             "before, without training it again (after an evaluation that "
+                             "failed or was stopped)")
     args = parser.parse_args(argv)
     if args.list:
         for name, preset in PRESETS.items():
