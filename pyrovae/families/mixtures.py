@@ -12,6 +12,7 @@ dimension.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pyro.distributions as dist
@@ -31,6 +32,7 @@ from pyrovae.families.latent import Prior, register_prior
 
 
 MIXTURE_CHUNK_ELEMENTS = 2**24  # 64 MB of float32 per intermediate of a mixture's log_prob
+DIAGONAL_NORMALS = (torch.distributions.Normal, dist.Normal)
 
 
 class LatentMixture(dist.MixtureSameFamily):
@@ -53,15 +55,51 @@ class LatentMixture(dist.MixtureSameFamily):
         values x K x z_dim intermediates stay below ``MIXTURE_CHUNK_ELEMENTS``: the
         importance-sampling evaluator scores some 16 000 z at once, which against 500
         components of 50 dimensions would be 1.6 GB per intermediate. A training
-        batch fits in one chunk."""
-        per_value = self.mixture_distribution.logits.shape[-1] * max(1, self.event_shape.numel())
+        batch fits in one chunk. Diagonal Gaussian components (``mog``, and ``vamp``
+        over the Gaussian guides) take ``_diagonal_normal_log_prob`` instead."""
+        diagonal = self._diagonal_normal()
+        per_value = self.mixture_distribution.logits.shape[-1] * (
+            1 if diagonal else max(1, self.event_shape.numel()))
         values = value.shape[:value.dim() - len(self.event_shape)]
         chunk = max(1, MIXTURE_CHUNK_ELEMENTS // per_value)
+        score = (lambda part: self._diagonal_normal_log_prob(part, *diagonal)) if diagonal \
+            else super().log_prob
         if self.batch_shape or values.numel() <= chunk:
-            return super().log_prob(value)
+            return score(value)
         flat = value.reshape((-1,) + self.event_shape)
-        return torch.cat([super(LatentMixture, self).log_prob(part)
-                          for part in flat.split(chunk)]).reshape(values)
+        return torch.cat([score(part) for part in flat.split(chunk)]).reshape(values)
+
+    def _diagonal_normal(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The components' locs and scales (K x z_dim) where they are diagonal Gaussians
+        over the whole event, and the mixture has no batch shape of its own."""
+        components = self.component_distribution
+        if self.batch_shape or not isinstance(components, torch.distributions.Independent) \
+                or components.reinterpreted_batch_ndims != 1 \
+                or type(components.base_dist) not in DIAGONAL_NORMALS:
+            return None
+        return components.base_dist.loc, components.base_dist.scale
+
+    def _diagonal_normal_log_prob(self, value, loc, scale) -> torch.Tensor:
+        """log sum_k w_k N(z; mu_k, diag sigma_k^2), with the quadratic form expanded,
+        sum_d z_d^2 / sigma_kd^2 - 2 z_d mu_kd / sigma_kd^2 + mu_kd^2 / sigma_kd^2,
+        into two matrix products over z_dim.
+
+        torch scores each (z, component) pair elementwise: values x K x z_dim
+        intermediates, memory-bound, which made importance sampling of MNIST's test set
+        under a 500-component VampPrior take some 80 minutes against 4.5 under a normal
+        prior (K = 1000, one thread). The products are BLAS calls: 16,000 z against 500
+        components of 50 dimensions took 0.31 s instead of 12.7. They run in float64: the expanded terms are of the size of
+        z^2 / sigma^2, and their sum, of order z_dim where z is near a component,
+        would lose float32's digits to cancellation where sigma is small."""
+        z = value.double()
+        precision = scale.double().pow(-2)
+        weighted_loc = loc.double() * precision
+        quadratic = (z * z) @ precision.T - 2 * z @ weighted_loc.T \
+            + (loc.double() * weighted_loc).sum(-1)
+        log_norm = scale.double().log().sum(-1) + 0.5 * loc.shape[-1] * math.log(2 * math.pi)
+        log_weights = torch.log_softmax(self.mixture_distribution.logits.double(), -1)
+        log_density = torch.logsumexp(log_weights - log_norm - 0.5 * quadratic, dim=-1)
+        return log_density.to(value.dtype)
 
 
 def _mixture(logits, components) -> LatentMixture:

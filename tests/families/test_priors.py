@@ -252,10 +252,35 @@ def test_mixture_log_prob_in_chunks_is_the_whole_computation(monkeypatch):
     prior = MixtureOfGaussiansPrior(3, components=4)
     z = torch.randn(5, 7, 3)
     whole = prior().log_prob(z)
-    monkeypatch.setattr("pyrovae.families.mixtures.MIXTURE_CHUNK_ELEMENTS", 4 * 3 * 6)
+    # diagonal Gaussian components: one (value, component) intermediate per pair
+    monkeypatch.setattr("pyrovae.families.mixtures.MIXTURE_CHUNK_ELEMENTS", 4 * 6)
     chunked = prior().log_prob(z)  # 35 values in chunks of 6
     assert chunked.shape == (5, 7)
-    # the same operations on the same rows: equal to the bit
-    assert torch.equal(chunked, whole)
+    # the same float64 operations on the same rows, rounded to float32: BLAS may block
+    # fewer rows otherwise, a float64 rounding (1e-15 here), far below float32's step
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
     expanded = prior().expand((5, 7))  # as the data plate expands it
-    assert torch.equal(expanded.log_prob(z), whole)
+    torch.testing.assert_close(expanded.log_prob(z), whole, rtol=0, atol=1e-6)
+
+
+def test_diagonal_mixture_density_keeps_its_digits_for_narrow_components():
+    """The expanded quadratic form against the elementwise one, in float64, where
+    cancellation would show: components of scale 1e-3 far from the origin, z near
+    them (log densities of order 20, terms z^2 / sigma^2 of order 1e8)."""
+    torch.manual_seed(6)
+    prior = MixtureOfGaussiansPrior(4, components=3, min_scale=1e-4)
+    with torch.no_grad():
+        prior.locs.copy_(5 + torch.randn(3, 4))
+        prior.scale_unconstrained.fill_(-7.0)  # softplus(-7) + 1e-4: about 1e-3
+        prior.logits.copy_(torch.randn(3))
+    p = prior()
+    z = p.component_distribution.sample((50,))[:, 0] + 1e-3 * torch.randn(50, 4)
+    elementwise = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(logits=p.mixture_distribution.logits.double()),
+        torch.distributions.Independent(torch.distributions.Normal(
+            p.component_distribution.base_dist.loc.double(),
+            p.component_distribution.base_dist.scale.double()), 1)).log_prob(z.double())
+    got = p.log_prob(z)
+    assert got.dtype == torch.float32 and (elementwise > 5).all()
+    # float64 rounding of terms of 1e8 (1e-8) and then float32's (1e-6 at 25)
+    torch.testing.assert_close(got.double(), elementwise, rtol=0, atol=1e-5)
