@@ -16,6 +16,7 @@ before training in the package's flow. See ``docs/diagnostics.md``.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pyro
 import torch
@@ -107,6 +108,12 @@ def mutual_information(q: Distribution, num_points: int | None = 500,
     ``aggregate`` (batch (N,), the same datapoints) replaces q in the mixture q(z):
     a cheaper stand-in where q(z|x) is itself a mixture (an upper stochastic
     layer), whose N components then make q(z) as well as its N x S would.
+
+    A flow guide scores another datapoint's z by inverting its steps, which
+    overflows for a z far in the tail of q(z|x_n) (a gate near 0 divides): such a
+    pair's log density comes out NaN where it is, in exact arithmetic, a density
+    too small to count. It counts as 0 in the mixture (its own q(z_m|x_m), a
+    draw of its own, is always finite), and a warning gives their number.
     """
     aggregate = q if aggregate is None else aggregate
     n = aggregate.batch_shape[0]
@@ -119,9 +126,14 @@ def mutual_information(q: Distribution, num_points: int | None = 500,
     chunk = max(1, max_chunk_elements // (n * z_dim))
     # log_prob of z shaped (chunk, 1, z_dim) broadcasts against q's batch (N,):
     # no need to slice the distribution, whatever its family.
+    pairs = [aggregate.log_prob(z_chunk.unsqueeze(-2)) for z_chunk in z.split(chunk)]
+    overflowed = sum(int(torch.isnan(p).sum()) for p in pairs)
+    if overflowed:
+        warnings.warn(f"mutual information: {overflowed} of {len(z) * n} (z, x) pairs scored "
+                      f"NaN (the guide's inversion overflowed far in its tail) and count as "
+                      f"density 0 in the aggregate posterior.", RuntimeWarning, stacklevel=2)
     log_q_aggregate = torch.cat([
-        torch.logsumexp(aggregate.log_prob(z_chunk.unsqueeze(-2)), dim=-1) - math.log(n)
-        for z_chunk in z.split(chunk)])
+        torch.logsumexp(p.nan_to_num(nan=-math.inf), dim=-1) for p in pairs]) - math.log(n)
     terms = log_q_own - log_q_aggregate
     se = float(terms.std() / math.sqrt(len(terms))) if len(terms) > 1 else float("nan")
     return float(terms.mean()), se
