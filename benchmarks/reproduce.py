@@ -16,9 +16,12 @@ test set, and AIS on the first 1,000 test images. The result goes to
 Every step is the ``pyrovae`` command that ``--list`` and the JSON show, run in
 this process, so that a result can be rerun by hand. ``--time-budget S`` ends
 the training after the epoch in which its steps' time reaches S seconds
-(``pyrovae train --time-budget``), inside the preset's schedule, and evaluates that. ``--smoke`` trains one epoch on the first few hundred
-images of the preset's data, saved as ``.npy`` files (the official validation
-file of static MNIST is then a held-out count), and evaluates with few samples; its images stay in ``RUNS_DIR/<preset>.smoke-data``.
+(``pyrovae train --time-budget``), inside the preset's schedule, and evaluates
+that. ``--smoke`` trains one epoch on the first few hundred images of the
+preset's data, saved as ``.npy`` files in ``RUNS_DIR/<preset>.smoke-data`` (the
+official validation file of static MNIST is then a held-out count), and
+evaluates with few samples. ``--evaluate-only`` evaluates a run this script
+trained, again. ``--report`` writes the table of docs/results.md and the figure.
 """
 
 from __future__ import annotations
