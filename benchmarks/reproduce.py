@@ -299,7 +299,7 @@ def report(results_dir: Path) -> str:
             f"{r['nll']:.2f} ± {r['nll_se']:.2f} | {r['ais_nll']:.2f} ({r['ais_images']} "
             f"images) | {100 * r['khat_frac_above_0_7']:.1f} % | {paper} | {pythae} |")
     curves = {r["preset"]: r["test_iwae_curve"] for r in results
-              if PRESETS.get(r["preset"], None) and PRESETS[r["preset"]].one_layer
+              if r["preset"] in PRESETS and PRESETS[r["preset"]].one_layer
               and r["test_iwae_curve"]}
     if curves:
         target = PRESETS["dmnist-vae"].paper

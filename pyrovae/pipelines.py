@@ -42,8 +42,7 @@ def load_vae(folder, which: str = "last", map_location="cpu") -> VAE:
     ``which="best"``, of the epoch with the best validation ELBO (best.pt, written by a
     run trained with a validation set); in eval mode."""
     vae = VAE.load(folder, map_location=map_location)
-    if which != "last":
-        vae.load_state_dict(run.read_checkpoint(folder, map_location, which=which)["model"])
+    _use_checkpoint(vae, folder, which, map_location)
     return vae
 
 
@@ -53,10 +52,17 @@ def load_run_checkpoint(folder, which: str = "last", data_dir: str | None = None
     of checkpoint ``which`` ("last" or "best", as ``load_vae``), and their description
     for a summary: ``{"checkpoint": which, "checkpoint_epoch": epoch}``."""
     vae, data, config = load_run(folder, data_dir, device)
-    state = run.read_checkpoint(folder, device, which=which)
+    epoch = _use_checkpoint(vae, folder, which, device)
+    return vae, data, config, {"checkpoint": which, "checkpoint_epoch": epoch}
+
+
+def _use_checkpoint(vae: VAE, folder, which: str, map_location) -> int | None:
+    """Put checkpoint ``which``'s weights into ``vae``, loaded with the last ones (those
+    are already there); return the checkpoint's epoch."""
+    state = run.read_checkpoint(folder, map_location, which=which)
     if which != "last":
         vae.load_state_dict(state["model"])
-    return vae, data, config, {"checkpoint": which, "checkpoint_epoch": state.get("epoch")}
+    return state.get("epoch")
 
 
 def evaluate_run(run_folder, num_samples: int | None = None, *, method: str = "is",

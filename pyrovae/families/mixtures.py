@@ -87,8 +87,9 @@ class LatentMixture(dist.MixtureSameFamily):
         torch scores each (z, component) pair elementwise: values x K x z_dim
         intermediates, memory-bound, which made importance sampling of MNIST's test set
         under a 500-component VampPrior take some 80 minutes against 4.5 under a normal
-        prior (K = 1000, one thread). The products are BLAS calls: 16,000 z against 500
-        components of 50 dimensions took 0.31 s instead of 12.7. They run in float64:
+        prior (K = 1000, one thread). The products are BLAS calls, which made the vamp
+        step 2.8 times a normal one instead of 9.5 (``benchmarks/train_speed.py
+        --families``, docs/families.md). They run in float64:
         the expanded terms are of the size of z^2 / sigma^2, and their sum, of order
         z_dim where z is near a component, would lose float32's digits to cancellation
         where sigma is small."""
