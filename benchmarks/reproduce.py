@@ -40,8 +40,6 @@ import torch
 from pyrovae import load_dataset
 from pyrovae.cli import main as pyrovae
 from pyrovae.errors import PyrovaeError
-from pyrovae.evaluation import log_likelihood
-from pyrovae.pipelines import load_run_checkpoint
 from pyrovae.plots import plot_time_to_quality, save
 from pyrovae.run import read_json, read_metrics
 
@@ -250,11 +248,10 @@ def summarize(name, preset, run, train_flags, is_flags, ais_flags, command_secon
     curve = [{"epoch": m["epoch"], "train_seconds": m["train_seconds"],
               "test_iwae_bound": m["test_iwae_bound"]}
              for m in metrics if "test_iwae_bound" in m]
-    # IS on AIS's images, for the gap between the two on the same images: evaluation.json
-    # holds the whole test set's mean only
-    vae, data, _, _ = load_run_checkpoint(run, evaluation["checkpoint"])
-    subset_is = log_likelihood(vae, data.test[:ais["num_datapoints"]],
-                               evaluation["num_samples"], seed=0).summary()["nll"]
+    # IS minus AIS on AIS's images (the first test images), paired image by image
+    ais_log_px = np.array(ais["per_datapoint_log_px"], dtype=float)
+    is_log_px = np.array(evaluation["per_datapoint_log_px"][:len(ais_log_px)], dtype=float)
+    gap = ais_log_px - is_log_px
     return {
         "preset": name, "description": preset.description, "smoke": smoke,
         "dataset": preset.dataset, "binarize": config["binarize"],
@@ -274,7 +271,10 @@ def summarize(name, preset, run, train_flags, is_flags, ais_flags, command_secon
         "ess_mean": evaluation["ess_mean"], "active_units": evaluation.get("active_units"),
         "ais_nll": ais["nll"], "ais_nll_se": ais["nll_se"], "ais_images": ais["num_datapoints"],
         "ais_steps": ais["num_steps"], "ais_chains": ais["num_samples"],
-        "is_nll_on_ais_images": subset_is, "is_minus_ais_on_ais_images": subset_is - ais["nll"],
+        "is_nll_on_ais_images": float(-is_log_px.mean()),
+        "is_minus_ais_on_ais_images": float(gap.mean()),
+        "is_minus_ais_se": float(gap.std(ddof=1) / math.sqrt(len(gap))) if len(gap) > 1
+        else None,
         "test_iwae_curve": curve, "paper": preset.paper or None, "pythae": preset.pythae or None,
         "machine": environment(torch.get_num_threads()), "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }

@@ -127,6 +127,9 @@ def evaluate_test_set(folder, vae, data, num_samples: int = 5000, *,
         iwae_bound_subset_size=len(subset),
         iwae_bound={str(k): v for k, v in bounds.items()},
         figures=[KHAT_FIGURE, IWAE_FIGURE],
+        # per image, so that two evaluations of the same images compare pairwise
+        per_datapoint_log_px=estimate.log_px.tolist(),
+        per_datapoint_khat=estimate.khat.tolist(),
         **(weights or {}),
     )
     run.write_evaluation(folder, summary)
@@ -163,7 +166,8 @@ def evaluate_test_set_ais(folder, vae, data, num_steps: int = 1000, num_samples:
                                   leapfrog_steps=leapfrog_steps, max_elements=max_elements,
                                   seed=seed, progress=progress)
     summary = {**estimate.summary(), "method": "ais", "leapfrog_steps": leapfrog_steps,
-               "dataset": data.name, **(weights or {})}
+               "dataset": data.name, "per_datapoint_log_px": estimate.log_px.tolist(),
+               **(weights or {})}
     run.write_evaluation(folder, summary, AIS_FILE)
     log.info(f"AIS NLL {summary['nll']:.3f} +- {summary['nll_se']:.3f} nats (Monte Carlo SE "
              f"{summary['nll_mc_se']:.3f}), mean ESS {summary['ess_mean']:.1f} of "

@@ -407,12 +407,16 @@ def write_metrics(folder, metrics: list[dict]) -> None:
 
 def write_evaluation(folder, summary: dict, name: str = EVALUATION_FILE) -> None:
     """evaluation.json (or ``AIS_FILE``, ``BDMC_FILE``); strict JSON has no NaN or
-    infinity, so they are written as null."""
+    infinity, so they are written as null, in the per-datapoint lists too."""
     if name not in (EVALUATION_FILE, AIS_FILE, BDMC_FILE):
         raise ValueError(f"{name} is not an evaluation file of the run folder")
-    atomic_write_json(Path(folder) / name, {
-        key: None if isinstance(value, float) and not math.isfinite(value) else value
-        for key, value in summary.items()})
+
+    def strict(value):
+        if isinstance(value, list):
+            return [strict(item) for item in value]
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+
+    atomic_write_json(Path(folder) / name, {key: strict(value) for key, value in summary.items()})
 
 
 def holds_run(folder) -> bool:

@@ -27,6 +27,10 @@ def test_train_script_on_digits_writes_its_outputs(tmp_path):
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert evaluation["num_samples"] == 30 and evaluation["dataset"] == "digits"
     assert evaluation["nll"] < -evaluation["elbo"]  # log p(x) estimate above the ELBO
+    # per image, for paired comparisons; their mean is the NLL (float32 sums)
+    per_image = evaluation["per_datapoint_log_px"]
+    assert len(per_image) == len(evaluation["per_datapoint_khat"]) == evaluation["num_datapoints"]
+    assert -sum(per_image) / len(per_image) == pytest.approx(evaluation["nll"], rel=1e-5)
     assert (out / "reconstructions.png").exists() and (out / "evaluation_khat.png").exists()
     assert "epoch 2/2" in result.stdout and "test ELBO" in result.stdout
     assert "KL: 'z' (StudentT || Laplace)" in result.stdout

@@ -62,6 +62,10 @@ def test_every_preset_runs_end_to_end_in_smoke_mode(name, shared_data_dir, tmp_p
     # the IWAE bound and the ELBO are lower bounds of log p(x), so -ELBO >= the NLL
     # estimate of the same samples, whose mean it is
     assert -written["elbo"] >= written["nll"]
+    # the gap is paired image by image: its mean is the difference of the two means
+    assert written["is_minus_ais_on_ais_images"] == pytest.approx(
+        written["is_nll_on_ais_images"] - written["ais_nll"], rel=1e-9, abs=1e-9)
+    assert written["is_minus_ais_se"] > 0
     assert written["test_iwae_curve"] and written["test_iwae_curve"][-1]["epoch"] == 1
     assert written["commands"][0].startswith("pyrovae train --dataset ")
 

@@ -227,3 +227,15 @@ def test_a_flag_counts_as_given_by_its_whole_name_or_an_abbreviation():
         parser.add_argument(flag)
     assert given_flags(parser, ["--kl-anneal", "3", "--lr=0.1"]) == {"kl_anneal", "lr"}
     assert given_flags(parser, ["--kl-anneal-s", "0.2"]) == {"kl_anneal_start"}
+
+
+def test_evaluation_files_are_strict_json_with_nan_as_null(tmp_path):
+    from pyrovae.run import EVALUATION_FILE, write_evaluation
+
+    write_evaluation(tmp_path, {"nll": float("nan"), "khat_max": float("inf"), "elbo": -90.5,
+                                "per_datapoint_khat": [0.5, float("nan"), float("-inf")]})
+    # json.loads with parse_constant raising: NaN, Infinity or -Infinity in the file fail
+    text = (tmp_path / EVALUATION_FILE).read_text()
+    saved = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in {text}"))
+    assert saved == {"nll": None, "khat_max": None, "elbo": -90.5,
+                     "per_datapoint_khat": [0.5, None, None]}

@@ -285,6 +285,9 @@ def test_evaluate_by_ais_writes_its_own_file(trained_run):
     saved = json.loads((trained_run / AIS_FILE).read_text())
     assert saved["method"] == "ais" and saved["num_datapoints"] == 5
     assert saved["num_steps"] == 4 and saved["num_samples"] == 3 and saved["nll"] > 0
+    # one log p(x) per image, whose mean is the NLL: float32 sums of 5 terms
+    assert len(saved["per_datapoint_log_px"]) == 5
+    assert -sum(saved["per_datapoint_log_px"]) / 5 == pytest.approx(saved["nll"], rel=1e-5)
     assert not (trained_run / EVALUATION_FILE).exists()  # the IS result is another file
 
 
