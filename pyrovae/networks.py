@@ -30,18 +30,25 @@ ACTIVATIONS = {
 }
 
 
+def _is_sequence(value) -> bool:
+    return not isinstance(value, (str, bytes)) and hasattr(value, "__iter__")
+
+
+def _positive_ints(sizes) -> bool:
+    return all(not isinstance(n, bool) and isinstance(n, numbers.Integral) and n >= 1
+               for n in sizes)
+
+
 def check_hidden(hidden) -> tuple[int, ...]:
     """The hidden layer sizes as a tuple of positive ints; ``()`` means no hidden layer
     (linear networks). A width of 0 would make the encoder's output constant."""
     from pyrovae.errors import PyrovaeError
 
-    if isinstance(hidden, (str, bytes)) or not hasattr(hidden, "__iter__"):
+    if not _is_sequence(hidden):
         raise PyrovaeError(
             f"hidden must be a list of layer sizes such as (400,) (--hidden 400), got {hidden!r}.")
     sizes = tuple(hidden)
-    bad = [n for n in sizes
-           if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1]
-    if bad:
+    if not _positive_ints(sizes):
         raise PyrovaeError(
             f"--hidden sizes must be positive integers, got {list(sizes)!r} (hidden={hidden!r}); "
             f"give each hidden layer at least one unit, or () for none.")
@@ -158,12 +165,11 @@ def check_channels(channels, x_shape) -> tuple[int, ...]:
 
     if channels is None:
         return default_channels(x_shape)
-    if isinstance(channels, (str, bytes)) or not hasattr(channels, "__iter__"):
+    if not _is_sequence(channels):
         raise PyrovaeError(f"channels must be a list of channel widths such as (32, 64) "
                            f"(--channels 32 64), got {channels!r}.")
     widths = tuple(channels)
-    if not widths or any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1
-                         for n in widths):
+    if not widths or not _positive_ints(widths):
         raise PyrovaeError(
             f"channels must be one or more positive integers, one per stride-2 convolution, "
             f"got {list(widths)!r}; e.g. (32, 64) for 28x28 images (--channels 32 64).")
@@ -274,13 +280,12 @@ def check_z_dims(z_dim) -> tuple[int, ...]:
     from pyrovae.errors import PyrovaeError
 
     sizes = (z_dim,) if isinstance(z_dim, numbers.Integral) else z_dim
-    if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__iter__"):
+    if not _is_sequence(sizes):
         raise PyrovaeError(f"--z-dim (z_dim) must be a positive integer, got {z_dim!r}; for "
                            f"several stochastic layers give one per layer from the data upward, "
                            f"e.g. (100, 50) (--z-dim 100 50).")
     sizes = tuple(sizes)
-    if not sizes or any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1
-                        for n in sizes):
+    if not sizes or not _positive_ints(sizes):
         raise PyrovaeError(
             f"--z-dim (z_dim): each stochastic layer's size must be a positive integer, got "
             f"{z_dim!r}; give one, or one per layer from the data upward, e.g. (100, 50) "
@@ -295,7 +300,7 @@ def check_layer_hidden(hidden, layers: int) -> tuple[tuple[int, ...], ...]:
     ``((200, 200), (100, 100))`` gives each block its own."""
     from pyrovae.errors import PyrovaeError
 
-    if isinstance(hidden, (str, bytes)) or not hasattr(hidden, "__iter__"):
+    if not _is_sequence(hidden):
         check_hidden(hidden)  # its message
     entries = tuple(hidden)
     nested = [not isinstance(n, numbers.Integral) and hasattr(n, "__iter__") for n in entries]
