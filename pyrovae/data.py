@@ -231,7 +231,7 @@ class Dataset:
     def _epoch_order(self, batch_size, generator, shuffle) -> torch.Tensor | None:
         _check_batch_size(batch_size)
         if self.binarize == "dynamic" and generator is not None and \
-                generator.device != self._batch_device:
+                indexed_device(generator.device) != indexed_device(self._batch_device):
             raise DataError(
                 f"dynamic binarization samples on the data's device ({self._batch_device}) but "
                 f"the generator is on {generator.device}: create it with "
@@ -326,6 +326,14 @@ def _check_writable(folder: Path, cache_dir: Path, what: str) -> None:
             f"the cache folder {cache_dir} cannot be written ({problem}), and {what} must be "
             f"written into {folder}. Set the environment variable {CACHE_DIR_ENV} to a "
             f"writable folder (or pass cache_dir=...); the data folder itself is only read.")
+
+
+def indexed_device(device: torch.device) -> torch.device:
+    """``cuda`` as ``cuda:<current device>``, the name its tensors report, so that devices
+    compare equal (a generator made on ``cuda`` reports plain ``cuda``)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _check_batch_size(batch_size: int) -> None:

@@ -36,6 +36,7 @@ from pyrovae.data import (
     check_dataset,
     check_own_data_options,
     check_val_size,
+    indexed_device,
 )
 from pyrovae.errors import PyrovaeError
 
@@ -293,13 +294,13 @@ def _check_real(flag: str, value, positive: bool) -> None:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise PyrovaeError("--device cuda was asked for, but torch sees no CUDA device; "
                            "use --device cpu (or auto).")
     if name != "cpu" and not name.startswith("cuda"):
         raise PyrovaeError(f"unknown device {name!r}; use cpu, cuda or auto.")
-    return torch.device(name)
+    return indexed_device(torch.device(name))
 
 
 # ---------------------------------------------------------------- reading and writing

@@ -13,6 +13,7 @@ from pyrovae.data import (
     DATASETS,
     DataError,
     Dataset,
+    indexed_device,
     load_dataset,
 )
 
@@ -238,3 +239,12 @@ def test_malformed_amat_file_is_rejected(tmp_path):
 def test_bad_batch_size_is_rejected():
     with pytest.raises(DataError, match="positive integer"):
         next(unique_rows_dataset(4).train_batches(0))
+
+
+def test_a_cuda_device_without_index_names_the_current_one(monkeypatch):
+    # a generator made on "cuda" reports plain cuda, its tensors cuda:<index>: both must
+    # compare equal in the dynamic-binarization check (no CUDA is needed to name devices)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert indexed_device(torch.device("cuda")) == torch.device("cuda", 1)
+    assert indexed_device(torch.device("cuda", 0)) == torch.device("cuda", 0)
+    assert indexed_device(torch.device("cpu")) == torch.device("cpu")
