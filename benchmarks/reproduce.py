@@ -195,8 +195,10 @@ def reproduce(name: str, runs_dir: Path, results_dir: Path, epochs: int | None =
             raise PyrovaeError(f"{runs_dir} holds no {record.name}: --evaluate-only takes a "
                                f"run this script trained; run the preset without it.")
         training = read_json(record)
-        flags, command_seconds, time_budget = (
-            training[key] for key in ("flags", "command_seconds", "time_budget"))
+        missing = {"flags", "command_seconds", "time_budget", "machine"} - set(training)
+        if missing:
+            raise PyrovaeError(f"{record} lacks {sorted(missing)}: it was not written by "
+                               f"this script; train the preset again.")
     else:
         flags = ["train", *preset.train_flags(1 if smoke else epochs), "--out", str(run),
                  "--device", device, "--no-progress"] + (["--overwrite"] if overwrite else []) \
@@ -210,9 +212,11 @@ def reproduce(name: str, runs_dir: Path, results_dir: Path, epochs: int | None =
         started = time.perf_counter()
         if run_pyrovae(flags) != 0:
             raise PyrovaeError(f"{name}: training failed; see above.")
-        command_seconds = time.perf_counter() - started
-        record.write_text(json.dumps({"flags": flags, "command_seconds": command_seconds,
-                                      "time_budget": time_budget}) + "\n")
+        # the training's machine, which --evaluate-only may not share
+        training = {"flags": flags, "command_seconds": time.perf_counter() - started,
+                    "time_budget": time_budget, "machine": environment(torch.get_num_threads())}
+        record.write_text(json.dumps(training) + "\n")
+        training = read_json(record)  # as --evaluate-only will read it
     checkpoint = "best" if preset.val_size else "last"
     evaluate = ["evaluate", str(run), "--checkpoint", checkpoint, "--device", device,
                 "--no-progress"]
@@ -223,12 +227,14 @@ def reproduce(name: str, runs_dir: Path, results_dir: Path, epochs: int | None =
         "--method", "ais", "--num-images", str(SMOKE["ais_images"] if smoke else AIS_IMAGES),
         "--ais-steps", str(SMOKE["ais_steps"] if smoke else AIS_STEPS),
         "--num-samples", str(SMOKE["ais_chains"] if smoke else AIS_CHAINS),
-        "--leapfrog-steps", str(AIS_LEAPFROG)]
+        "--leapfrog-steps", str(AIS_LEAPFROG),
+        # all images in one pass: AIS's steps are sequential, and on a GPU a step of 64
+        # images costs about what one of 1,000 does
+        "--data-block", str(SMOKE["ais_images"] if smoke else AIS_IMAGES)]
     for step in (is_flags, ais_flags):
         if run_pyrovae(step) != 0:
             raise PyrovaeError(f"{name}: `{command(step)}` failed; see above.")
-    result = summarize(name, preset, run, flags, is_flags, ais_flags, command_seconds,
-                       time_budget, smoke)
+    result = summarize(name, preset, run, training, is_flags, ais_flags, smoke)
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{name}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
@@ -239,8 +245,9 @@ def reproduce(name: str, runs_dir: Path, results_dir: Path, epochs: int | None =
     return result
 
 
-def summarize(name, preset, run, train_flags, is_flags, ais_flags, command_seconds,
-              time_budget, smoke) -> dict:
+def summarize(name, preset, run, training, is_flags, ais_flags, smoke) -> dict:
+    """The row's JSON; ``training`` is the record of its training (flags, command seconds,
+    time budget, machine): the evaluation may have run on another machine."""
     evaluation = read_json(run / "evaluation.json")
     ais = read_json(run / "evaluation_ais.json")
     config = read_json(run / "config.json")["training"]
@@ -256,13 +263,14 @@ def summarize(name, preset, run, train_flags, is_flags, ais_flags, command_secon
         "preset": name, "description": preset.description, "smoke": smoke,
         "dataset": preset.dataset, "binarize": config["binarize"],
         "device": config["device"] if config["device"] != "auto" else
-        ("cuda" if torch.cuda.is_available() else "cpu"),
-        "commands": [command(flags) for flags in (train_flags, is_flags, ais_flags)],
+        ("cuda" if training["machine"]["cuda"] else "cpu"),
+        "commands": [command(flags) for flags in (training["flags"], is_flags, ais_flags)],
         "epochs": len(metrics), "planned_epochs": config["epochs"],
         # the steps' time, as the curve's; the command adds the data load, the per-epoch
         # evaluations, the checkpoints and the figures
-        "time_budget_seconds": time_budget, "train_seconds": metrics[-1]["train_seconds"],
-        "train_command_seconds": command_seconds,
+        "time_budget_seconds": training["time_budget"],
+        "train_seconds": metrics[-1]["train_seconds"],
+        "train_command_seconds": training["command_seconds"],
         "checkpoint": evaluation["checkpoint"], "checkpoint_epoch": evaluation["checkpoint_epoch"],
         "best_epoch": metrics[-1].get("best_epoch") if metrics else None,
         "nll": evaluation["nll"], "nll_se": evaluation["nll_se"],
@@ -276,7 +284,8 @@ def summarize(name, preset, run, train_flags, is_flags, ais_flags, command_secon
         "is_minus_ais_se": float(gap.std(ddof=1) / math.sqrt(len(gap))) if len(gap) > 1
         else None,
         "test_iwae_curve": curve, "paper": preset.paper or None, "pythae": preset.pythae or None,
-        "machine": environment(torch.get_num_threads()), "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": training["machine"],
+        "evaluation_machine": environment(torch.get_num_threads()), "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 
 

@@ -15,6 +15,7 @@ from pyrovae.collapse import collapse_diagnostics
 from pyrovae.errors import PyrovaeError
 from pyrovae.evaluation.ais import ais_log_likelihood, bdmc
 from pyrovae.evaluation.marginal import (
+    DEFAULT_DATA_BLOCK,
     DEFAULT_MAX_ELEMENTS,
     IWAE_CURVE_KS,
     MIN_SAMPLES_FOR_KHAT,
@@ -67,7 +68,8 @@ def _use_checkpoint(vae: VAE, folder, which: str, map_location) -> int | None:
 
 def evaluate_run(run_folder, num_samples: int | None = None, *, method: str = "is",
                  num_steps: int = 1000, leapfrog_steps: int = 10, num_simulated: int = 100,
-                 max_elements: int = DEFAULT_MAX_ELEMENTS, num_images: int | None = None,
+                 max_elements: int = DEFAULT_MAX_ELEMENTS,
+                 data_block: int = DEFAULT_DATA_BLOCK, num_images: int | None = None,
                  subset_size: int = 100, seed: int = 0, device: str = "auto",
                  data_dir: str | None = None, progress: bool = True,
                  checkpoint: str = "last") -> dict:
@@ -92,19 +94,21 @@ def evaluate_run(run_folder, num_samples: int | None = None, *, method: str = "i
     if method == "ais":
         return evaluate_test_set_ais(folder, vae, data, num_steps, num_samples,
                                      leapfrog_steps=leapfrog_steps, max_elements=max_elements,
-                                     num_images=num_images, seed=seed, progress=progress,
+                                     data_block=data_block, num_images=num_images, seed=seed, progress=progress,
                                      weights=weights)
     if method == "bdmc":
         return evaluate_bdmc(folder, vae, num_simulated, num_steps, num_samples,
                              leapfrog_steps=leapfrog_steps, max_elements=max_elements,
-                             seed=seed, progress=progress, weights=weights)
+                             data_block=data_block, seed=seed, progress=progress,
+                             weights=weights)
     return evaluate_test_set(folder, vae, data, num_samples, max_elements=max_elements,
-                             num_images=num_images, subset_size=subset_size, seed=seed,
+                             data_block=data_block, num_images=num_images, subset_size=subset_size, seed=seed,
                              progress=progress, weights=weights)
 
 
 def evaluate_test_set(folder, vae, data, num_samples: int = 5000, *,
-                      max_elements: int = DEFAULT_MAX_ELEMENTS, num_images: int | None = None,
+                      max_elements: int = DEFAULT_MAX_ELEMENTS,
+                      data_block: int = DEFAULT_DATA_BLOCK, num_images: int | None = None,
                       subset_size: int = 100, seed: int = 0, progress: bool = True,
                       weights: dict | None = None) -> dict:
     """``evaluate_run`` for a VAE and data set already in memory (the end of training);
@@ -113,8 +117,8 @@ def evaluate_test_set(folder, vae, data, num_samples: int = 5000, *,
     test = data.test if num_images is None else data.test[:num_images]
     log.info(f"evaluating {folder}: log p(x) of {len(test)} {data.name} test images "
              f"with K={num_samples} importance samples on {vae.device}")
-    estimate = log_likelihood(vae, test, num_samples, max_elements=max_elements, seed=seed,
-                              progress=progress)
+    estimate = log_likelihood(vae, test, num_samples, max_elements=max_elements,
+                              data_block=data_block, seed=seed, progress=progress)
     summary = estimate.summary()
     summary.update(collapse_diagnostics(vae, test, seed=seed, mi_points=2000))
     subset = test[:subset_size]
@@ -153,6 +157,7 @@ def evaluate_test_set(folder, vae, data, num_samples: int = 5000, *,
 
 def evaluate_test_set_ais(folder, vae, data, num_steps: int = 1000, num_samples: int = 16, *,
                           leapfrog_steps: int = 10, max_elements: int = DEFAULT_MAX_ELEMENTS,
+                          data_block: int = DEFAULT_DATA_BLOCK,
                           num_images: int | None = None, seed: int = 0,
                           progress: bool = True, weights: dict | None = None) -> dict:
     """log p(x) of the test images by AIS (``pyrovae.evaluation.ais``): write
@@ -164,7 +169,7 @@ def evaluate_test_set_ais(folder, vae, data, num_steps: int = 1000, num_samples:
              f"each) per image, on {vae.device}")
     estimate = ais_log_likelihood(vae, test, num_steps, num_samples,
                                   leapfrog_steps=leapfrog_steps, max_elements=max_elements,
-                                  seed=seed, progress=progress)
+                                  data_block=data_block, seed=seed, progress=progress)
     summary = {**estimate.summary(), "method": "ais", "leapfrog_steps": leapfrog_steps,
                "dataset": data.name, "per_datapoint_log_px": estimate.log_px.tolist(),
                **(weights or {})}
@@ -178,7 +183,8 @@ def evaluate_test_set_ais(folder, vae, data, num_steps: int = 1000, num_samples:
 
 def evaluate_bdmc(folder, vae, num_simulated: int = 100, num_steps: int = 1000,
                   num_samples: int = 16, *, leapfrog_steps: int = 10,
-                  max_elements: int = DEFAULT_MAX_ELEMENTS, seed: int = 0,
+                  max_elements: int = DEFAULT_MAX_ELEMENTS,
+                  data_block: int = DEFAULT_DATA_BLOCK, seed: int = 0,
                   progress: bool = True, weights: dict | None = None) -> dict:
     """BDMC (``pyrovae.evaluation.ais.bdmc``) on data simulated from the run's model:
     write bdmc.json into ``folder`` and return its summary."""
@@ -186,7 +192,8 @@ def evaluate_bdmc(folder, vae, num_simulated: int = 100, num_steps: int = 1000,
     log.info(f"BDMC of {folder}: {num_simulated} datapoints simulated from the model, "
              f"{num_samples} chains of {num_steps} steps each way")
     result = bdmc(vae, num_simulated, num_steps, num_samples, leapfrog_steps=leapfrog_steps,
-                  max_elements=max_elements, seed=seed, progress=progress)
+                  max_elements=max_elements, data_block=data_block, seed=seed,
+                  progress=progress)
     summary = {
         **result["summary"], "method": "bdmc", "leapfrog_steps": leapfrog_steps,
         "certifies": "the accuracy of AIS and IS on data simulated from the model, not on "

@@ -183,6 +183,7 @@ def test_the_readme_command_for_binarized_mnist_trains(capsys, tmp_path, shared_
     (["evaluate", "RUN", "--subset-size", "0"], "argument --subset-size: must be a positive"),
     (["evaluate", "RUN", "--num-samples", "0"], "argument --num-samples: must be a positive"),
     (["evaluate", "RUN", "--max-elements", "0"], "argument --max-elements: must be a positive"),
+    (["evaluate", "RUN", "--data-block", "0"], "argument --data-block: must be a positive"),
     (["evaluate", "RUN", "--seed", "-1"], "argument --seed: must be an integer from 0"),
     (["plot", "RUN", "--seed", "-1"], "argument --seed: must be an integer from 0"),
 ])
@@ -200,6 +201,20 @@ def test_evaluate_with_too_few_samples_for_khat_says_so(capsys, tmp_path):
     printed = capsys.readouterr().out
     assert "nan%" not in printed
     assert "no k-hat: it needs K >= 21 importance samples" in printed
+
+
+def test_evaluate_data_block_reaches_ais_and_a_block_too_large_is_refused(capsys, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(out)]) == 0
+    capsys.readouterr()
+    ais = ["evaluate", str(out), "--method", "ais", "--num-images", "5", "--ais-steps", "3",
+           "--num-samples", "2", "--no-progress"]
+    err = refused(capsys, ais + ["--data-block", "100", "--max-elements", "1000"])
+    assert "max_elements=1000 is below 16 chains x data_block=100" in err
+    assert not (out / "evaluation_ais.json").exists()
+    assert main(ais + ["--data-block", "2"]) == 0
+    written = json.loads((out / "evaluation_ais.json").read_text())
+    assert written["num_datapoints"] == 5 and len(written["per_datapoint_log_px"]) == 5
 
 
 # ---------------------------------------------------------------- --help

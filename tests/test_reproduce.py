@@ -111,8 +111,17 @@ def test_evaluate_only_evaluates_a_run_trained_before_and_refuses_others(shared_
                                 evaluate_only=True)
     # the same checkpoint, evaluated with the same seeds (same machine, same process)
     for key in ("nll", "ais_nll", "elbo", "train_seconds", "train_command_seconds",
-                "commands", "epochs"):
+                "commands", "epochs", "machine"):
         assert again[key] == first[key], key
+    # the training's machine is the record's, kept apart from the evaluation's
+    record = runs / "dmnist-vae.training.json"
+    assert again["machine"] == json.loads(record.read_text())["machine"]
+    assert again["evaluation_machine"]["cores"] == again["machine"]["cores"]
+    # a record without its machine cannot say where the row trained
+    record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items()
+                                  if k != "machine"}))
+    with pytest.raises(reproduce.PyrovaeError, match=r"lacks \['machine'\]"):
+        reproduce.reproduce("dmnist-vae", runs, tmp_path / "d", evaluate_only=True)
     (runs / "dmnist-iwae5").mkdir()
     with pytest.raises(reproduce.PyrovaeError, match="holds no dmnist-iwae5.training.json"):
         reproduce.reproduce("dmnist-iwae5", runs, tmp_path / "c", evaluate_only=True)

@@ -10,7 +10,8 @@ See docs/marginal_likelihood.md.
 from __future__ import annotations
 
 from pyrovae.cli import plain, positive_int, seed_int
-from pyrovae.evaluation.marginal import DEFAULT_MAX_ELEMENTS, MIN_SAMPLES_FOR_KHAT
+from pyrovae.evaluation.marginal import (DEFAULT_DATA_BLOCK, DEFAULT_MAX_ELEMENTS,
+                                         MIN_SAMPLES_FOR_KHAT, PARTICLE_ALIGNMENT)
 from pyrovae.pipelines import CHECKPOINT_CHOICES, DEFAULT_NUM_SAMPLES, METHODS, evaluate_run
 
 
@@ -42,6 +43,12 @@ def add_parser(sub):
                    metavar="N",
                    help="memory bound: (sample, image) pairs in one vectorized pass "
                         "(default %(default)s); the result does not depend on it")
+    p.add_argument("--data-block", type=positive_int, default=DEFAULT_DATA_BLOCK, metavar="N",
+                   help="images per pass (default %(default)s): on a GPU, a larger block "
+                        "runs AIS's sequential steps once for more images. The random "
+                        "numbers are seeded per block, so the estimate's noise, not its "
+                        "expectation, depends on it. --max-elements must be at least "
+                        f"{PARTICLE_ALIGNMENT} times N")
     p.add_argument("--num-images", type=positive_int, metavar="N",
                    help="evaluate the first N test images only (default: all of them)")
     p.add_argument("--subset-size", type=positive_int, default=100, metavar="N",
@@ -61,6 +68,7 @@ def run(args) -> int:
     evaluate_run(args.run_folder, args.num_samples, method=args.method,
                  num_steps=args.ais_steps, leapfrog_steps=args.leapfrog_steps,
                  num_simulated=args.num_simulated, max_elements=args.max_elements,
+                 data_block=args.data_block,
                  num_images=args.num_images, subset_size=args.subset_size, seed=args.seed,
                  device=args.device, data_dir=args.data_dir, progress=not args.no_progress,
                  checkpoint=args.checkpoint)
