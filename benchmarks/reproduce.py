@@ -297,15 +297,25 @@ def report(results_dir: Path) -> str:
     results = sorted((r for r in results if not r["smoke"]),
                      key=lambda r: (order.index(r["preset"]) if r["preset"] in order
                                     else len(order), r["preset"]))
-    lines = ["| preset | epochs | training time, hardware | IS NLL ± SE (K = 5000) | "
+    lines = ["| preset | command | epochs | training time, hardware | IS NLL ± SE (K = 5000) | "
              "AIS NLL (subset) | k̂ > 0.7 | paper | pythae |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
-        hardware = r["machine"]["cuda"] or f"{r['machine']['cores']}-core CPU"
+        hardware = _hardware(r["machine"])
+        evaluated = _hardware(r.get("evaluation_machine") or r["machine"])
+        if evaluated != hardware:
+            hardware += f"; evaluated on {evaluated}"
         paper = f"{r['paper']['nll']:.2f} ({r['paper']['source']})" if r["paper"] else "—"
         pythae = f"{r['pythae']['nll']:.2f} ({r['pythae']['source']})" if r["pythae"] else "—"
+        flags = [r["preset"]]
+        if r["preset"] in PRESETS and r.get("planned_epochs") not in (None,
+                                                                      PRESETS[r["preset"]].epochs):
+            flags += ["--epochs", str(r["planned_epochs"])]
+        if r.get("time_budget_seconds"):
+            flags += ["--time-budget", f"{r['time_budget_seconds']:g}"]
         lines.append(
-            f"| `{r['preset']}` | {r['epochs']} | {r['train_seconds']:.0f} s, {hardware} | "
+            f"| `{r['preset']}` | `reproduce.py {' '.join(flags)}` | {r['epochs']} | "
+            f"{r['train_seconds']:.0f} s, {hardware} | "
             f"{r['nll']:.2f} ± {r['nll_se']:.2f} | {r['ais_nll']:.2f} ({r['ais_images']} "
             f"images) | {100 * r['khat_frac_above_0_7']:.1f} % | {paper} | {pythae} |")
     curves = {r["preset"]: r["test_iwae_curve"] for r in results
@@ -316,6 +326,10 @@ def report(results_dir: Path) -> str:
         save(plot_time_to_quality(curves, target["nll"], f"{target['source']}, VAE after "
                                                          f"3280 epochs"), results_dir / FIGURE)
     return "\n".join(lines)
+
+
+def _hardware(machine: dict) -> str:
+    return machine["cuda"] or f"{machine['cores']}-core CPU"
 
 
 def main(argv=None) -> int:

@@ -76,8 +76,11 @@ def test_report_tables_the_results_and_draws_the_curve(tmp_path):
     base = {"smoke": False, "epochs": 10, "train_seconds": 600.0, "nll": 90.0, "nll_se": 0.25,
             "ais_nll": 89.0, "ais_images": 1000, "khat_frac_above_0_7": 0.9,
             "machine": {"cuda": None, "cores": 2}, "pythae": None}
-    for name, nll in (("dmnist-vae", 90.0), ("dmnist-iwae5", 89.0)):
+    gpu = {"cuda": "NVIDIA H200", "cores": 16}
+    for name, nll, evaluated in (("dmnist-vae", 90.0, None), ("dmnist-iwae5", 89.0, gpu)):
         record = {**base, "preset": name, "nll": nll, "paper": reproduce.PRESETS[name].paper,
+                  "time_budget_seconds": 600.0, "planned_epochs": 3280,
+                  "evaluation_machine": evaluated,
                   "test_iwae_curve": [{"epoch": 5, "train_seconds": 300.0,
                                        "test_iwae_bound": -nll - 2},
                                       {"epoch": 10, "train_seconds": 600.0,
@@ -86,7 +89,10 @@ def test_report_tables_the_results_and_draws_the_curve(tmp_path):
     (results / "smoke.json").write_text(json.dumps({**base, "preset": "x", "smoke": True}))
     table = reproduce.report(results).splitlines()
     assert len(table) == 4  # the header, its rule and the two real results, not the smoke
-    assert "| `dmnist-vae` | 10 | 600 s, 2-core CPU | 90.00 ± 0.25 |" in table[2]
+    assert ("| `dmnist-vae` | `reproduce.py dmnist-vae --time-budget 600` | 10 | "
+            "600 s, 2-core CPU | 90.00 ± 0.25 |") in table[2]
+    # trained on the CPU, evaluated on a GPU: the row says both
+    assert "600 s, 2-core CPU; evaluated on NVIDIA H200 | 89.00 ± 0.25 |" in table[3]
     assert "86.76" in table[2]
     assert (results / reproduce.FIGURE).stat().st_size > 0
 
