@@ -53,8 +53,10 @@ TRAINING_RECORD_SUFFIX = ".training.json"  # how this script trained a run
 
 IS_SAMPLES = 5000
 AIS_IMAGES = 1000
-# 8,800 model gradients per image: about 10 minutes for 1,000 images of Burda's
-# one-layer network on one CPU core (docs/marginal_likelihood.md measured 5,500 in 6)
+# 8,800 model gradients per image (plus the pilot chains'): about 10 minutes for 1,000
+# images of Burda's plain one-layer VAE on one CPU core (docs/marginal_likelihood.md
+# measured 5,500 in 6), over 30 under an iaf guide, whose density inverts the flow;
+# on one H200, IS and AIS of dmnist-best took 182 s together (docs/results.md)
 AIS_STEPS = 100
 AIS_CHAINS = 8
 AIS_LEAPFROG = 10
@@ -285,7 +287,8 @@ def summarize(name, preset, run, training, is_flags, ais_flags, smoke) -> dict:
         else None,
         "test_iwae_curve": curve, "paper": preset.paper or None, "pythae": preset.pythae or None,
         "machine": training["machine"],
-        "evaluation_machine": environment(torch.get_num_threads()), "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "evaluation_machine": environment(torch.get_num_threads()),
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 
 

@@ -94,16 +94,17 @@ def evaluate_run(run_folder, num_samples: int | None = None, *, method: str = "i
     if method == "ais":
         return evaluate_test_set_ais(folder, vae, data, num_steps, num_samples,
                                      leapfrog_steps=leapfrog_steps, max_elements=max_elements,
-                                     data_block=data_block, num_images=num_images, seed=seed, progress=progress,
-                                     weights=weights)
+                                     data_block=data_block, num_images=num_images, seed=seed,
+                                     progress=progress, weights=weights)
     if method == "bdmc":
         return evaluate_bdmc(folder, vae, num_simulated, num_steps, num_samples,
                              leapfrog_steps=leapfrog_steps, max_elements=max_elements,
                              data_block=data_block, seed=seed, progress=progress,
                              weights=weights)
     return evaluate_test_set(folder, vae, data, num_samples, max_elements=max_elements,
-                             data_block=data_block, num_images=num_images, subset_size=subset_size, seed=seed,
-                             progress=progress, weights=weights)
+                             data_block=data_block, num_images=num_images,
+                             subset_size=subset_size, seed=seed, progress=progress,
+                             weights=weights)
 
 
 def evaluate_test_set(folder, vae, data, num_samples: int = 5000, *,
