@@ -115,8 +115,18 @@ def test_evaluate_only_evaluates_a_run_trained_before_and_refuses_others(shared_
                                                                          tmp_path):
     runs = tmp_path / "runs"
     first = reproduce.reproduce("dmnist-vae", runs, tmp_path / "a", smoke=True)
+    run = runs / "dmnist-vae"
+    # as after an AIS that was stopped: the IS it finished is kept, the AIS runs again
+    (run / "evaluation_ais.json").unlink()
+    is_written = (run / "evaluation.json").stat().st_mtime_ns
     again = reproduce.reproduce("dmnist-vae", runs, tmp_path / "b", smoke=True,
                                 evaluate_only=True)
+    assert (run / "evaluation.json").stat().st_mtime_ns == is_written
+    # an evaluation file changed since (by hand, say) is evaluated again
+    changed = (run / "evaluation.json").read_text() + " "
+    (run / "evaluation.json").write_text(changed)
+    reproduce.reproduce("dmnist-vae", runs, tmp_path / "b", smoke=True, evaluate_only=True)
+    assert (run / "evaluation.json").read_text() != changed
     # the same checkpoint, evaluated with the same seeds (same machine, same process)
     for key in ("nll", "ais_nll", "elbo", "train_seconds", "train_command_seconds",
                 "commands", "epochs", "machine"):
