@@ -21,7 +21,8 @@ that. ``--smoke`` trains one epoch on the first few hundred images of the
 preset's data, saved as ``.npy`` files in ``RUNS_DIR/<preset>.smoke-data`` (the
 official validation file of static MNIST is then a held-out count), and
 evaluates with few samples. ``--evaluate-only`` evaluates a run this script
-trained, again, keeping a step it finished whose file is unchanged. ``--report`` writes the table of docs/results.md and the figure.
+trained, again, keeping a step it finished whose file is unchanged. ``--report``
+writes the table of docs/results.md and the figure.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch
 
 from pyrovae import load_dataset
 from pyrovae.cli import main as pyrovae
+from pyrovae.atomic import atomic_write_json
 from pyrovae.errors import PyrovaeError
 from pyrovae.plots import plot_time_to_quality, save
 from pyrovae.run import AIS_FILE, EVALUATION_FILE, read_json, read_metrics
@@ -218,8 +220,7 @@ def reproduce(name: str, runs_dir: Path, results_dir: Path, epochs: int | None =
         # the training's machine, which --evaluate-only may not share
         training = {"flags": flags, "command_seconds": time.perf_counter() - started,
                     "time_budget": time_budget, "machine": environment(torch.get_num_threads())}
-        record.write_text(json.dumps(training) + "\n")
-        training = read_json(record)  # as --evaluate-only will read it
+        training = _write_record(record, training)
     checkpoint = "best" if preset.val_size else "last"
     evaluate = ["evaluate", str(run), "--checkpoint", checkpoint, "--device", device,
                 "--no-progress"]
@@ -231,8 +232,8 @@ def reproduce(name: str, runs_dir: Path, results_dir: Path, epochs: int | None =
         "--ais-steps", str(SMOKE["ais_steps"] if smoke else AIS_STEPS),
         "--num-samples", str(SMOKE["ais_chains"] if smoke else AIS_CHAINS),
         "--leapfrog-steps", str(AIS_LEAPFROG),
-        # all images in one pass: AIS's steps are sequential, and on a GPU a step of 64
-        # images costs about what one of 1,000 does
+        # all images in one pass: AIS's steps are sequential, and on one H200 the default
+        # block of 64 had not finished where one of 1,000 took minutes (docs/results.md)
         "--data-block", str(SMOKE["ais_images"] if smoke else AIS_IMAGES)]
     for step, file in ((is_flags, EVALUATION_FILE), (ais_flags, AIS_FILE)):
         # --evaluate-only keeps a step this script finished, while its file is unchanged:
@@ -245,7 +246,7 @@ def reproduce(name: str, runs_dir: Path, results_dir: Path, epochs: int | None =
         if run_pyrovae(step) != 0:
             raise PyrovaeError(f"{name}: `{command(step)}` failed; see above.")
         training.setdefault("evaluated", {})[command(step)] = _digest(run / file)
-        record.write_text(json.dumps(training) + "\n")
+        training = _write_record(record, training)
     result = summarize(name, preset, run, training, is_flags, ais_flags, smoke)
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{name}.json"
@@ -341,6 +342,13 @@ def report(results_dir: Path) -> str:
         save(plot_time_to_quality(curves, target["nll"], f"{target['source']}, VAE after "
                                                          f"3280 epochs"), results_dir / FIGURE)
     return "\n".join(lines)
+
+
+def _write_record(record: Path, training: dict) -> dict:
+    """Write the training record whole or not at all (it is rewritten after each
+    evaluation step); return it as --evaluate-only will read it."""
+    atomic_write_json(record, training)
+    return read_json(record)
 
 
 def _digest(path: Path) -> str | None:
