@@ -327,6 +327,8 @@ def report(results_dir: Path) -> str:
             flags += ["--epochs", str(r["planned_epochs"])]
         if r.get("time_budget_seconds"):
             flags += ["--time-budget", f"{r['time_budget_seconds']:g}"]
+        if r["device"] != "cpu":
+            flags += ["--device", r["device"]]
         lines.append(
             f"| `{r['preset']}` | `reproduce.py {' '.join(flags)}` | {r['epochs']} | "
             f"{r['train_seconds']:.0f} s, {hardware} | "
@@ -334,7 +336,9 @@ def report(results_dir: Path) -> str:
             f"({r['is_nll_on_ais_images']:.2f} on the first {r['ais_images']}) | "
             f"{100 * r['khat_frac_above_0_7']:.1f} % | "
             f"{paper} | {pythae} |")
-    curves = {r["preset"]: r["test_iwae_curve"] for r in results
+    # seconds on a GPU and on the CPU are not the same clock: the label says which
+    curves = {f"{r['preset']} ({_hardware(r['machine'])})": r["test_iwae_curve"]
+              for r in results
               if r["preset"] in PRESETS and PRESETS[r["preset"]].one_layer
               and r["test_iwae_curve"]}
     if curves:

@@ -202,6 +202,7 @@ def test_time_to_quality_draws_each_runs_nll_bound_against_minutes(tmp_path):
     lines = fig.axes[0].get_lines()
     assert [line.get_label() for line in lines] == ["a", "b", "paper"]
     np.testing.assert_array_equal(lines[0].get_xdata(), [1.0, 2.0])  # minutes
+    assert fig.axes[0].get_xscale() == "log"  # a few GPU minutes beside a CPU hour
     np.testing.assert_array_equal(lines[0].get_ydata(), [95.0, 90.0])  # -bound: NLL bound
     assert list(lines[2].get_ydata()) == [86.76, 86.76]
     save(fig, tmp_path / "time_to_quality.png")

@@ -70,16 +70,20 @@ def test_every_preset_runs_end_to_end_in_smoke_mode(name, shared_data_dir, tmp_p
     assert written["commands"][0].startswith("pyrovae train --dataset ")
 
 
-def test_report_tables_the_results_and_draws_the_curve(tmp_path):
+def test_report_tables_the_results_and_draws_the_curve(tmp_path, monkeypatch):
     results = tmp_path / "results"
     results.mkdir()
     base = {"smoke": False, "epochs": 10, "train_seconds": 600.0, "nll": 90.0, "nll_se": 0.25,
             "ais_nll": 89.0, "ais_images": 1000, "is_nll_on_ais_images": 89.5,
             "khat_frac_above_0_7": 0.9,
-            "machine": {"cuda": None, "cores": 2}, "pythae": None}
+            "machine": {"cuda": None, "cores": 2}, "device": "cpu", "pythae": None}
     gpu = {"cuda": "NVIDIA H200", "cores": 16}
-    for name, nll, evaluated in (("dmnist-vae", 90.0, None), ("dmnist-iwae5", 89.0, gpu)):
-        record = {**base, "preset": name, "nll": nll, "paper": reproduce.PRESETS[name].paper,
+    trained_on_gpu = {"machine": gpu, "device": "cuda"}
+    for name, nll, evaluated, where in (("dmnist-vae", 90.0, None, {}),
+                                        ("dmnist-iwae5", 89.0, gpu, {}),
+                                        ("dmnist-conv", 86.0, None, trained_on_gpu)):
+        record = {**base, **where, "preset": name, "nll": nll,
+                  "paper": reproduce.PRESETS[name].paper,
                   "time_budget_seconds": 600.0, "planned_epochs": 3280,
                   "evaluation_machine": evaluated,
                   "test_iwae_curve": [{"epoch": 5, "train_seconds": 300.0,
@@ -88,14 +92,23 @@ def test_report_tables_the_results_and_draws_the_curve(tmp_path):
                                        "test_iwae_bound": -nll - 1}]}
         (results / f"{name}.json").write_text(json.dumps(record))
     (results / "smoke.json").write_text(json.dumps({**base, "preset": "x", "smoke": True}))
+    drawn, draw = {}, reproduce.plot_time_to_quality
+    monkeypatch.setattr(reproduce, "plot_time_to_quality",
+                        lambda curves, *args: drawn.update(curves) or draw(curves, *args))
     table = reproduce.report(results).splitlines()
-    assert len(table) == 4  # the header, its rule and the two real results, not the smoke
+    assert len(table) == 5  # the header, its rule and the three real results, not the smoke
     assert ("| `dmnist-vae` | `reproduce.py dmnist-vae --time-budget 600` | 10 | "
             "600 s, 2-core CPU | 90.00 ± 0.25 |") in table[2]
     # trained on the CPU, evaluated on a GPU: the row says both
     assert "600 s, 2-core CPU; evaluated on NVIDIA H200 | 89.00 ± 0.25 |" in table[3]
     assert "| 89.00 (89.50 on the first 1000) | 90.0 % |" in table[2]
     assert "86.76" in table[2]
+    # trained on a GPU: the command says so, and so does its curve, whose seconds are
+    # not the CPU's
+    assert "| `reproduce.py dmnist-conv --time-budget 600 --device cuda` |" in table[4]
+    assert "600 s, NVIDIA H200 |" in table[4]
+    assert sorted(drawn) == ["dmnist-conv (NVIDIA H200)", "dmnist-iwae5 (2-core CPU)",
+                             "dmnist-vae (2-core CPU)"]
     assert (results / reproduce.FIGURE).stat().st_size > 0
 
 
