@@ -38,7 +38,7 @@ from pyrovae.vae import VAE, load_run
 log = logging.getLogger("pyrovae")
 
 DIAGNOSTIC_KEYS = ("active_units", "kl_per_dim", "mutual_information", "mutual_information_se",
-                   "posterior_mean_method")
+                   "mutual_information_datapoints", "posterior_mean_method")
 
 # Aggressive inference-network training (He et al. 2019): at most this many guide
 # steps before each model step, stopping early when the guide loss summed over a
@@ -855,5 +855,11 @@ def _extras(metrics: dict) -> str:
     labels = {**shown, "test_iwae": "test IWAE", "test_iwae_bound": "test IWAE bound",
               "beta": "beta", "active_units": "active units",
               "mutual_information": "MI"}
-    return "".join(f"  {label} {metrics[key]:.3f}" if isinstance(metrics[key], float) else
+    line = "".join(f"  {label} {metrics[key]:.3f}" if isinstance(metrics[key], float) else
                    f"  {label} {metrics[key]}" for key, label in labels.items() if key in metrics)
+    if "mutual_information_datapoints" in metrics:
+        # the estimate cannot pass log N: near it, it says only that the posteriors of
+        # the N datapoints hardly overlap (docs/diagnostics.md)
+        line += f" (at most log {metrics['mutual_information_datapoints']} = " \
+                f"{math.log(metrics['mutual_information_datapoints']):.3f})"
+    return line

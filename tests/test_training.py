@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 
 import pyro
 import pytest
@@ -46,6 +47,18 @@ def test_metrics_and_outputs(tmp_path):
     loaded = VAE.load(tmp_path)
     for name, value in trainer.vae.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value)
+
+
+def test_the_log_gives_the_mutual_informations_ceiling(tmp_path, caplog):
+    trainer = make_trainer(tmp_path, epochs=1)
+    with caplog.at_level(logging.INFO, logger="pyrovae"):
+        [metrics] = trainer.fit()
+    n = len(trainer.data.test)
+    assert metrics["mutual_information_datapoints"] == n
+    # the mixture over the N test images holds each image's own q(z|x): at most log N
+    assert metrics["mutual_information"] <= math.log(n)
+    assert f"MI {metrics['mutual_information']:.3f} (at most log {n} = {math.log(n):.3f})" \
+        in caplog.text
 
 
 def test_test_elbo_matches_a_direct_estimate(tmp_path):
