@@ -21,7 +21,9 @@ that. ``--smoke`` trains one epoch on the first few hundred images of the
 preset's data, saved as ``.npy`` files in ``RUNS_DIR/<preset>.smoke-data`` (the
 official validation file of static MNIST is then a held-out count), and
 evaluates with few samples. ``--evaluate-only`` evaluates a run this script
-trained, again, keeping a step it finished whose file is unchanged. ``--report``
+trained, again, keeping a step it finished whose file is unchanged. ``--resume``
+continues a training this script started whose process was stopped (a session's
+end), within its time budget, then evaluates it. ``--report``
 writes the table of docs/results.md and the figure.
 """
 
@@ -187,25 +189,26 @@ def smoke_data(preset: Preset, folder: Path) -> list[str]:
 
 def reproduce(name: str, runs_dir: Path, results_dir: Path, epochs: int | None = None,
               time_budget: float | None = None, smoke: bool = False, device: str = "auto",
-              overwrite: bool = False, evaluate_only: bool = False) -> dict:
-    """Train the preset into ``runs_dir/name`` (unless ``evaluate_only``: a run trained
-    by this script before, whose evaluation failed or was stopped), evaluate it, and write
-    ``results_dir/name.json``; return what it holds."""
+              overwrite: bool = False, evaluate_only: bool = False,
+              resume: bool = False) -> dict:
+    """Train the preset into ``runs_dir/name``, evaluate it, and write
+    ``results_dir/name.json``; return what it holds. ``resume`` continues a training
+    this script started that was stopped with its process (a session's end), by
+    ``pyrovae train --resume``; ``evaluate_only`` evaluates a training this script
+    finished (after an evaluation that failed or was stopped, or on another machine)."""
     preset = PRESETS[name]
     run = runs_dir / name
     # beside the run, not in it: the run folder is pyrovae.run's
     record = runs_dir / f"{name}{TRAINING_RECORD_SUFFIX}"
-    if evaluate_only:
-        if not record.is_file():
-            raise PyrovaeError(f"{runs_dir} holds no {record.name}: --evaluate-only takes a "
-                               f"run this script trained; run the preset without it.")
-        training = read_json(record)
-        missing = {"flags", "command_seconds", "time_budget", "machine"} - set(training)
-        if missing:
-            raise PyrovaeError(f"{record} lacks {sorted(missing)}: it was not written by "
-                               f"this script; train the preset again.")
+    if evaluate_only or resume:
+        training = read_record(record, trained=evaluate_only)
+        steps = [] if evaluate_only else [
+            ["train", "--resume", "--out", str(run), "--device", device, "--no-progress"]]
     else:
-        flags = ["train", *preset.train_flags(1 if smoke else epochs), "--out", str(run),
+        if run.exists() and not overwrite:
+            raise PyrovaeError(f"{run} exists: --resume continues its training, "
+                               f"--evaluate-only evaluates it, --overwrite replaces it.")
+        flags = ["train", *preset.train_flags(epochs or (1 if smoke else None)), "--out", str(run),
                  "--device", device, "--no-progress"] + (["--overwrite"] if overwrite else []) \
             + (["--time-budget", f"{time_budget:g}"] if time_budget else [])
         if smoke:  # the same flags, on a few hundred of the preset's images
@@ -214,12 +217,22 @@ def reproduce(name: str, runs_dir: Path, results_dir: Path, epochs: int | None =
             flags[data:end] = smoke_data(preset, runs_dir / f"{name}.smoke-data")
             if preset.val_size:
                 flags[flags.index("--val-size") + 1] = str(SMOKE["val"])
+        # written before the training starts: a training stopped with its process still
+        # says what it was, and --resume goes on with it
+        training = {"flags": flags, "time_budget": time_budget,
+                    "machine": environment(torch.get_num_threads()), "commands": [],
+                    "trained": False}
+        steps = [flags]
+    for step in steps:
+        # seconds stay None for a command whose process was stopped
+        training["commands"].append({"command": command(step), "seconds": None,
+                                     "machine": environment(torch.get_num_threads())})
+        training = _write_record(record, training)
         started = time.perf_counter()
-        if run_pyrovae(flags) != 0:
+        if run_pyrovae(step) != 0:
             raise PyrovaeError(f"{name}: training failed; see above.")
-        # the training's machine, which --evaluate-only may not share
-        training = {"flags": flags, "command_seconds": time.perf_counter() - started,
-                    "time_budget": time_budget, "machine": environment(torch.get_num_threads())}
+        training["commands"][-1]["seconds"] = time.perf_counter() - started
+        training["trained"] = True
         training = _write_record(record, training)
     checkpoint = "best" if preset.val_size else "last"
     evaluate = ["evaluate", str(run), "--checkpoint", checkpoint, "--device", device,
@@ -283,7 +296,13 @@ def summarize(name, preset, run, training, is_flags, ais_flags, smoke) -> dict:
         # evaluations, the checkpoints and the figures
         "time_budget_seconds": training["time_budget"],
         "train_seconds": metrics[-1]["train_seconds"],
-        "train_command_seconds": training["command_seconds"],
+        # None where a command was stopped with its process and resumed; the epochs'
+        # own wall time is in their metrics whichever process ran them
+        "train_command_seconds": None if any(c["seconds"] is None for c in
+                                             training["commands"])
+        else sum(c["seconds"] for c in training["commands"]),
+        "train_epochs_seconds": sum(m["seconds"] for m in metrics),
+        "train_commands": training["commands"],
         "checkpoint": evaluation["checkpoint"], "checkpoint_epoch": evaluation["checkpoint_epoch"],
         "best_epoch": metrics[-1].get("best_epoch") if metrics else None,
         "nll": evaluation["nll"], "nll_se": evaluation["nll_se"],
@@ -316,6 +335,10 @@ def report(results_dir: Path) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         hardware = _hardware(r["machine"])
+        resumed = r.get("train_commands", [])[1:]
+        resumed_on = {_hardware(c["machine"]) for c in resumed} - {hardware}
+        if resumed_on:
+            hardware += f"; resumed on {', '.join(sorted(resumed_on))}"
         evaluated = _hardware(r.get("evaluation_machine") or r["machine"])
         if evaluated != hardware:
             hardware += f"; evaluated on {evaluated}"
@@ -329,8 +352,10 @@ def report(results_dir: Path) -> str:
             flags += ["--time-budget", f"{r['time_budget_seconds']:g}"]
         if r["device"] != "cpu":
             flags += ["--device", r["device"]]
+        then = f", then `--resume`{f' × {len(resumed)}' if len(resumed) > 1 else ''}" \
+            if resumed else ""
         lines.append(
-            f"| `{r['preset']}` | `reproduce.py {' '.join(flags)}` | {r['epochs']} | "
+            f"| `{r['preset']}` | `reproduce.py {' '.join(flags)}`{then} | {r['epochs']} | "
             f"{r['train_seconds']:.0f} s, {hardware} | "
             f"{r['nll']:.2f} ± {r['nll_se']:.2f} | {r['ais_nll']:.2f} "
             f"({r['is_nll_on_ais_images']:.2f} on the first {r['ais_images']}) | "
@@ -346,6 +371,34 @@ def report(results_dir: Path) -> str:
         save(plot_time_to_quality(curves, target["nll"], f"{target['source']}, VAE after "
                                                          f"3280 epochs"), results_dir / FIGURE)
     return "\n".join(lines)
+
+
+def read_record(record: Path, trained: bool) -> dict:
+    """The training record of a run this script started: finished (``trained``), for
+    --evaluate-only, or stopped with its process, for --resume."""
+    if not record.is_file():
+        raise PyrovaeError(f"{record.parent} holds no {record.name}: --evaluate-only and "
+                           f"--resume take a run this script started; run the preset "
+                           f"without them.")
+    training = read_json(record)
+    if "command_seconds" in training and "commands" not in training:
+        # written before records held their commands: one command, finished
+        training["commands"] = [{"command": command(training["flags"]),
+                                 "seconds": training.pop("command_seconds"),
+                                 "machine": training["machine"]}]
+        training["trained"] = True
+    missing = {"flags", "time_budget", "machine", "commands", "trained"} - set(training)
+    if missing:
+        raise PyrovaeError(f"{record} lacks {sorted(missing)}: it was not written by this "
+                           f"script; train the preset again.")
+    if trained and not training["trained"]:
+        raise PyrovaeError(f"{record.parent / record.name.removesuffix(TRAINING_RECORD_SUFFIX)}"
+                           f" was not trained to its end (its process was stopped): "
+                           f"--resume continues it.")
+    if not trained and training["trained"]:
+        raise PyrovaeError(f"{record.parent / record.name.removesuffix(TRAINING_RECORD_SUFFIX)}"
+                           f" was trained to its end: --evaluate-only evaluates it.")
+    return training
 
 
 def _write_record(record: Path, training: dict) -> dict:
@@ -383,6 +436,10 @@ def main(argv=None) -> int:
                         help="evaluate the preset's run in --runs-dir, trained by this script "
                              "before, without training it again (after an evaluation that "
                              "failed or was stopped)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the preset's training in --runs-dir, started by this "
+                             "script and stopped with its process, within its time budget; "
+                             "then evaluate it")
     args = parser.parse_args(argv)
     if args.list:
         for name, preset in PRESETS.items():
@@ -400,16 +457,23 @@ def main(argv=None) -> int:
                      f"--list shows them")
     if args.epochs is not None and args.epochs < 1:
         parser.error(f"--epochs must be a positive number of epochs, got {args.epochs}")
-    if args.evaluate_only and (args.epochs or args.time_budget):
-        parser.error("--evaluate-only evaluates a finished run: --epochs and --time-budget "
-                     "apply to the training")
+    for flag, given in (("--evaluate-only", args.evaluate_only), ("--resume", args.resume)):
+        clash = [other for other, on in (("--epochs", args.epochs), ("--time-budget",
+                                         args.time_budget), ("--overwrite", args.overwrite))
+                 if on]
+        if given and clash:
+            parser.error(f"{flag} goes on with a run as it was started: {', '.join(clash)} "
+                         f"would change it")
+    if args.evaluate_only and args.resume:
+        parser.error("--resume trains and then evaluates; --evaluate-only only evaluates: "
+                     "give one")
     if args.time_budget is not None and not (args.time_budget > 0 and
                                              math.isfinite(args.time_budget)):
         parser.error(f"--time-budget must be a positive number of seconds, got "
                      f"{args.time_budget}")
     for name in args.presets:
         reproduce(name, args.runs_dir, args.results_dir, args.epochs, args.time_budget,
-                  args.smoke, args.device, args.overwrite, args.evaluate_only)
+                  args.smoke, args.device, args.overwrite, args.evaluate_only, args.resume)
     return 0
 
 

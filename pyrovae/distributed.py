@@ -102,6 +102,12 @@ def all_gather(value) -> list:
     return gathered
 
 
+def barrier() -> None:
+    """Wait until every process gets here."""
+    if is_distributed():
+        dist.barrier()
+
+
 def broadcast(value):
     """Rank 0's ``value``, on every process."""
     if not is_distributed():

@@ -485,6 +485,10 @@ class Trainer:
         # the wall time of the epochs' steps so far, without checkpoints and callbacks
         self.train_seconds = 0.0
         self.out_of_time = False  # --time-budget spent: the current epoch is the last
+        # the epoch whose steps are saved and whose extras have not ended: its metrics so
+        # far and the seconds it took; the checkpoint holds it, so that a process stopped
+        # in the extras (a session's end) leaves them to the resumed run
+        self._epoch_end: dict | None = None
         self.aggressive = AggressiveStep(self) if config.aggressive else None
         self._check_data()
 
@@ -558,9 +562,11 @@ class Trainer:
         """The checkpoint, config and metrics; the RNG state saved is the current one."""
         if self.out is None:
             return
-        self._save_checkpoint(interrupted_at_step)
+        # the metrics first: a process stopped between the two leaves a checkpoint whose
+        # epoch's extras the resumed run runs again, never one whose metrics are lost
         if self.rank == 0:
             run.write_metrics(self.out, self.metrics)
+        self._save_checkpoint(interrupted_at_step)
 
     def _process_rng(self) -> dict:
         rng = {"torch": torch.get_rng_state()}
@@ -574,8 +580,12 @@ class Trainer:
         if self.out is None:
             return
         processes = distributed.all_gather(self._process_rng())
-        if self.rank != 0:
-            return
+        if self.rank == 0:
+            self._write_checkpoint(processes, interrupted_at_step)
+        # no process goes on, to a resume that reads it say, before it is on disk
+        distributed.barrier()
+
+    def _write_checkpoint(self, processes: list[dict], interrupted_at_step: int | None):
         run.write_config(self.out, self.vae.config, self.config)
         rng = {**processes[0], "generator": self.generator.get_state()}
         if self.world_size > 1:
@@ -590,6 +600,7 @@ class Trainer:
             "aggressive": {"on": aggressive is not None,
                            "mutual_info": aggressive.mutual_info if aggressive else []},
             "train_seconds": self.train_seconds,
+            "epoch_end": self._epoch_end,
         })
         self.saved_epoch = self.epoch
 
@@ -643,7 +654,9 @@ class Trainer:
             trainer.aggressive = AggressiveStep(trainer, saved["mutual_info"]) \
                 if saved["on"] else None
         trainer._restore_rng(checkpoint["rng"])
-        trainer.metrics = [m for m in run.read_metrics(folder) if m["epoch"] <= trainer.epoch]
+        trainer._epoch_end = checkpoint.get("epoch_end")
+        kept = trainer.epoch - (trainer._epoch_end is not None)  # fit() ends that one
+        trainer.metrics = [m for m in run.read_metrics(folder) if m["epoch"] <= kept]
         return trainer
 
     def _restore_rng(self, saved: dict) -> None:
@@ -693,6 +706,16 @@ class Trainer:
             log.info(f"data-parallel training on {self.world_size} processes "
                      f"({torch.distributed.get_backend()}): each takes its block of every batch "
                      f"of {self.config.batch_size}")
+        if self._epoch_end is not None:  # resumed after its process stopped in the extras
+            log.info(f"epoch {self.epoch}: its steps were saved, its extras had not ended; "
+                     f"running them")
+            self.out_of_time = self._out_of_time()
+            saved = self._epoch_end
+            if not self._end_epoch(dict(saved["metrics"]),
+                                   time.perf_counter() - saved["seconds"]):
+                return self.metrics
+            if self.out_of_time:
+                return self.metrics
         if self._out_of_time():  # a resumed run whose budget was spent already
             log.info(f"no epoch to train: the time budget (--time-budget "
                      f"{self.config.time_budget:g}) was spent in {self.train_seconds:.0f} s of "
@@ -728,34 +751,46 @@ class Trainer:
                 metrics["beta"] = beta
             # the epoch's steps are saved before any extra runs: an extra that fails or
             # is interrupted cannot lose them
+            self._epoch_end = {"metrics": dict(metrics),
+                               "seconds": time.perf_counter() - started}
             self._save_checkpoint()
-            try:
-                for callback in self.callbacks if self.rank == 0 else ():
-                    self._run_callback(callback, metrics)
-            except KeyboardInterrupt:
-                self.metrics.append(metrics)
-                if self.out is not None:
-                    run.write_metrics(self.out, self.metrics)
-                self.interrupted = True
-                log.info(f"interrupted after the steps of epoch {epoch}; its checkpoint is "
-                         f"saved" + (f" in {self.out}" if self.out else "") + ".")
+            if not self._end_epoch(metrics, started):
                 return self.metrics
-            if aggressive:
-                metrics["aggressive"] = True
-                if "mutual_information" in metrics and \
-                        not aggressive.keeps_on(epoch, metrics["mutual_information"]):
-                    self.aggressive = None
-            metrics["seconds"] = time.perf_counter() - started
-            self.metrics.append(metrics)
-            self._save()
-            log.info(f"epoch {epoch}/{self.config.epochs}  train ELBO {train['elbo']:.3f}"
-                     + _extras(metrics) + "  (nats per datapoint)")
             if self.out_of_time:
                 log.info(f"time budget reached: {self.train_seconds:.0f} s of training steps "
                          f"(--time-budget {self.config.time_budget:g}); the run ends after "
                          f"epoch {epoch} of {self.config.epochs}.")
                 break
         return self.metrics
+
+    def _end_epoch(self, metrics: dict, started: float) -> bool:
+        """The extras of the epoch whose steps are saved, then its metrics and checkpoint;
+        False where Ctrl-C interrupted the extras (the resumed run runs them again)."""
+        epoch = metrics["epoch"]
+        try:
+            for callback in self.callbacks if self.rank == 0 else ():
+                self._run_callback(callback, metrics)
+        except KeyboardInterrupt:
+            self.metrics.append(metrics)  # what the epoch has so far, for the caller
+            if self.out is not None and self.rank == 0:
+                run.write_metrics(self.out, self.metrics)
+            self.interrupted = True
+            log.info(f"interrupted after the steps of epoch {epoch}; its checkpoint is "
+                     f"saved" + (f" in {self.out}" if self.out else "") + ", and a resumed "
+                     f"run begins with the epoch's extras.")
+            return False
+        if self.aggressive:
+            metrics["aggressive"] = True
+            if "mutual_information" in metrics and \
+                    not self.aggressive.keeps_on(epoch, metrics["mutual_information"]):
+                self.aggressive = None
+        metrics["seconds"] = time.perf_counter() - started
+        self.metrics.append(metrics)
+        self._epoch_end = None
+        self._save()
+        log.info(f"epoch {epoch}/{self.config.epochs}  train ELBO {metrics['train_elbo']:.3f}"
+                 + _extras(metrics) + "  (nats per datapoint)")
+        return True
 
     def _out_of_time(self) -> bool:
         """Whether the steps' time has reached the budget: the same answer on every

@@ -157,3 +157,64 @@ def test_evaluate_only_evaluates_a_run_trained_before_and_refuses_others(shared_
     with pytest.raises(reproduce.PyrovaeError, match="holds no dmnist-iwae5.training.json"):
         reproduce.reproduce("dmnist-iwae5", runs, tmp_path / "c", evaluate_only=True)
     assert not (tmp_path / "c").exists()
+
+
+class ProcessStopped(BaseException):
+    """What a training's process sees of a session's end: nothing it can catch."""
+
+
+def test_resume_continues_a_training_stopped_with_its_process(shared_data_dir, tmp_path,
+                                                                monkeypatch, capsys):
+    import pyrovae.training
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    diagnose, calls = pyrovae.training.collapse_diagnostics, []
+
+    def stopped_in_the_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ProcessStopped
+        return diagnose(*args, **kwargs)
+
+    monkeypatch.setattr(pyrovae.training, "collapse_diagnostics", stopped_in_the_second_epoch)
+    with pytest.raises(ProcessStopped):
+        reproduce.reproduce("dmnist-vae", runs, results, epochs=2, smoke=True)
+    monkeypatch.undo()
+    record = json.loads((runs / "dmnist-vae.training.json").read_text())
+    # written before the training: it says what ran, and that it did not end
+    assert record["trained"] is False and record["commands"][0]["seconds"] is None
+    assert record["commands"][0]["command"].startswith("pyrovae train --dataset ")
+    assert not results.exists()
+    with pytest.raises(reproduce.PyrovaeError, match="not trained to its end.*--resume"):
+        reproduce.reproduce("dmnist-vae", runs, results, smoke=True, evaluate_only=True)
+    with pytest.raises(reproduce.PyrovaeError, match="exists: --resume continues"):
+        reproduce.reproduce("dmnist-vae", runs, results, epochs=2, smoke=True)
+
+    row = reproduce.reproduce("dmnist-vae", runs, results, smoke=True, resume=True)
+    assert row["epochs"] == 2 and [c["epoch"] for c in row["test_iwae_curve"]] == [2]
+    assert row["commands"][0] == record["commands"][0]["command"]  # the training's flags
+    assert [c["command"].split()[:3] for c in row["train_commands"]] == [
+        ["pyrovae", "train", "--dataset"], ["pyrovae", "train", "--resume"]]
+    # the stopped command's seconds are unknown; its epochs' are in the metrics
+    assert row["train_command_seconds"] is None
+    assert row["train_commands"][1]["seconds"] > 0 and row["train_epochs_seconds"] > 0
+    with pytest.raises(reproduce.PyrovaeError, match="trained to its end: --evaluate-only"):
+        reproduce.reproduce("dmnist-vae", runs, results, smoke=True, resume=True)
+    (results / "dmnist-vae.json").write_text(json.dumps({**row, "smoke": False}))
+    assert "| `reproduce.py dmnist-vae --epochs 2`, then `--resume` |" in \
+        reproduce.report(results)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--resume", "--time-budget", "60"], "--resume goes on with a run as it was started: "
+                                          "--time-budget would change it"),
+    (["--evaluate-only", "--epochs", "3"], "--evaluate-only goes on with a run as it was "
+                                           "started: --epochs would change it"),
+    (["--resume", "--overwrite"], "--overwrite would change it"),
+    (["--resume", "--evaluate-only"], "give one"),
+])
+def test_resume_and_evaluate_only_refuse_flags_that_would_change_the_run(argv, message,
+                                                                         tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        reproduce.main(["dmnist-vae", *argv, "--runs-dir", str(tmp_path / "runs")])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -8,8 +8,10 @@ import pyro
 import pytest
 import torch
 
+import pyrovae.run
 from pyrovae import VAE, Trainer, TrainConfig, load_dataset
 from pyrovae.errors import NonFiniteLossError
+from pyrovae.training import Callback, TestELBO
 from pyrovae.vae import CHECKPOINT_FILE
 
 from conftest import requires_cuda
@@ -98,6 +100,46 @@ def test_resume_is_deterministic(tmp_path):
         assert torch.equal(a["model"][name], b["model"][name]), name
     drop_time = [{k: v for k, v in m.items() if k != "seconds"} for m in metrics_a]
     assert drop_time == [{k: v for k, v in m.items() if k != "seconds"} for m in metrics_b]
+
+
+class ProcessStopped(BaseException):
+    """What a training's process sees of a session's end: nothing it can catch."""
+
+
+@pytest.mark.parametrize("where", ["in the extras", "before the metrics were written"])
+def test_a_process_stopped_after_an_epochs_steps_resumes_as_if_never_stopped(
+        tmp_path, monkeypatch, where):
+    trainer = make_trainer(tmp_path / "a", epochs=3)
+    if where == "in the extras":  # after the test ELBO, which draws from the global RNG
+        class Stop(Callback):
+            def on_epoch_end(self, trainer, metrics):
+                if metrics["epoch"] == 2:
+                    raise ProcessStopped
+        assert any(isinstance(c, TestELBO) for c in trainer.callbacks)
+        trainer.callbacks.append(Stop())
+    else:  # the metrics of epoch 2 never reached the disk
+        write_metrics = pyrovae.run.write_metrics
+
+        def stopped(folder, metrics):
+            if metrics[-1]["epoch"] == 2:
+                raise ProcessStopped
+            write_metrics(folder, metrics)
+        monkeypatch.setattr(pyrovae.run, "write_metrics", stopped)
+    with pytest.raises(ProcessStopped):
+        trainer.fit()
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "a")["epoch"] == 2  # the steps of epoch 2 are saved
+    assert [m["epoch"] for m in json.loads((tmp_path / "a/metrics.json").read_text())] == [1]
+    # the resumed run first runs the extras of epoch 2, from the RNG state they began with
+    metrics_a = Trainer.resume(tmp_path / "a", progress=False).fit()
+    metrics_b = make_trainer(tmp_path / "b", epochs=3).fit()
+    a, b = load_checkpoint(tmp_path / "a"), load_checkpoint(tmp_path / "b")
+    assert a["epoch"] == b["epoch"] == 3 and a["epoch_end"] is None
+    for name in b["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    drop_time = [{k: v for k, v in m.items() if k != "seconds"} for m in metrics_a]
+    assert drop_time == [{k: v for k, v in m.items() if k != "seconds"} for m in metrics_b]
+    assert json.loads((tmp_path / "a/metrics.json").read_text()) == metrics_a
 
 
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
