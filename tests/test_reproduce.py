@@ -218,3 +218,18 @@ def test_resume_and_evaluate_only_refuse_flags_that_would_change_the_run(argv, m
         reproduce.main(["dmnist-vae", *argv, "--runs-dir", str(tmp_path / "runs")])
     assert message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_record_written_before_records_held_their_commands_reads_as_one_finished_command(
+        tmp_path):
+    record = tmp_path / "dmnist-vae.training.json"
+    flags = ["train", "--dataset", "mnist", "--out", "runs/dmnist-vae"]
+    record.write_text(json.dumps({"flags": flags, "command_seconds": 5142.0,
+                                  "time_budget": 3600.0, "machine": {"cores": 2}}))
+    training = reproduce.read_record(record, trained=True)
+    assert training["trained"] is True and "command_seconds" not in training
+    assert training["commands"] == [{"command": "pyrovae train --dataset mnist --out "
+                                                "runs/dmnist-vae", "seconds": 5142.0,
+                                     "machine": {"cores": 2}}]
+    with pytest.raises(reproduce.PyrovaeError, match="trained to its end"):
+        reproduce.read_record(record, trained=False)
