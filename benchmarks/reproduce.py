@@ -251,8 +251,8 @@ def reproduce(name: str, runs_dir: Path, results_dir: Path, epochs: int | None =
     for step, file in ((is_flags, EVALUATION_FILE), (ais_flags, AIS_FILE)):
         # --evaluate-only keeps a step this script finished, while its file is unchanged:
         # an AIS stopped after a 30-minute IS does not cost the IS again
-        if evaluate_only and training.get("evaluated", {}).get(command(step)) == \
-                _digest(run / file):
+        done = training.get("evaluated", {}).get(command(step))
+        if evaluate_only and done is not None and done == _digest(run / file):
             print(f"{name}: {run / file} is the output of `{command(step)}`; kept",
                   flush=True)
             continue

@@ -135,6 +135,15 @@ def test_evaluate_only_evaluates_a_run_trained_before_and_refuses_others(shared_
     again = reproduce.reproduce("dmnist-vae", runs, tmp_path / "b", smoke=True,
                                 evaluate_only=True)
     assert (run / "evaluation.json").stat().st_mtime_ns == is_written
+    # a run trained but never evaluated (the evaluation ran elsewhere, or the process
+    # stopped before it): no file and no record of one is not a step finished
+    (run / "evaluation.json").unlink()
+    (run / "evaluation_ais.json").unlink()
+    record = runs / "dmnist-vae.training.json"
+    record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items()
+                                  if k != "evaluated"}))
+    reproduce.reproduce("dmnist-vae", runs, tmp_path / "b", smoke=True, evaluate_only=True)
+    assert (run / "evaluation.json").is_file() and (run / "evaluation_ais.json").is_file()
     # an evaluation file changed since (by hand, say) is evaluated again
     changed = (run / "evaluation.json").read_text() + " "
     (run / "evaluation.json").write_text(changed)
