@@ -208,7 +208,8 @@ def reproduce(name: str, runs_dir: Path, results_dir: Path, epochs: int | None =
         if run.exists() and not overwrite:
             raise PyrovaeError(f"{run} exists: --resume continues its training, "
                                f"--evaluate-only evaluates it, --overwrite replaces it.")
-        flags = ["train", *preset.train_flags(epochs or (1 if smoke else None)), "--out", str(run),
+        epochs = epochs or (1 if smoke else None)
+        flags = ["train", *preset.train_flags(epochs), "--out", str(run),
                  "--device", device, "--no-progress"] + (["--overwrite"] if overwrite else []) \
             + (["--time-budget", f"{time_budget:g}"] if time_budget else [])
         if smoke:  # the same flags, on a few hundred of the preset's images
@@ -391,13 +392,12 @@ def read_record(record: Path, trained: bool) -> dict:
     if missing:
         raise PyrovaeError(f"{record} lacks {sorted(missing)}: it was not written by this "
                            f"script; train the preset again.")
+    run = record.parent / record.name.removesuffix(TRAINING_RECORD_SUFFIX)
     if trained and not training["trained"]:
-        raise PyrovaeError(f"{record.parent / record.name.removesuffix(TRAINING_RECORD_SUFFIX)}"
-                           f" was not trained to its end (its process was stopped): "
+        raise PyrovaeError(f"{run} was not trained to its end (its process was stopped): "
                            f"--resume continues it.")
     if not trained and training["trained"]:
-        raise PyrovaeError(f"{record.parent / record.name.removesuffix(TRAINING_RECORD_SUFFIX)}"
-                           f" was trained to its end: --evaluate-only evaluates it.")
+        raise PyrovaeError(f"{run} was trained to its end: --evaluate-only evaluates it.")
     return training
 
 
