@@ -66,6 +66,9 @@ AIS_STEPS = 100
 AIS_CHAINS = 8
 AIS_LEAPFROG = 10
 IWAE_EVERY = 10  # epochs between the test IWAE bounds of the curve
+# epochs between the collapse diagnostics: every epoch, they took about a quarter of a
+# CPU row's evaluation time beside its steps (docs/results.md); the training is the same
+DIAGNOSTICS_EVERY = 10
 SMOKE = {"train": 300, "test": 100, "is_samples": 25, "is_images": 50, "ais_images": 5,
          "ais_steps": 5, "ais_chains": 2, "val": 50}
 
@@ -115,7 +118,7 @@ class Preset:
     def train_flags(self, epochs: int | None = None) -> list[str]:
         flags = [*self.data, *self.model, *self.objective, *self.schedule,
                  "--epochs", str(epochs or self.epochs), "--seed", str(self.seed),
-                 "--iwae-every", str(IWAE_EVERY)]
+                 "--iwae-every", str(IWAE_EVERY), "--diagnostics-every", str(DIAGNOSTICS_EVERY)]
         if self.val_size:
             flags += ["--val-size", str(self.val_size)]
         return flags

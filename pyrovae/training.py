@@ -58,7 +58,7 @@ DIVERGENCE_FLOOR = 10.0
 RESUMABLE = ("epochs", "lr", "batch_size", "beta", "kl_anneal", "kl_anneal_start",
              "free_bits", "device", "jit", "data_dir", "stream", "num_workers", "tensorboard",
              "lr_schedule", "lr_step", "lr_gamma", "lr_min", "iwae_every", "iwae_samples",
-             "time_budget")
+             "time_budget", "diagnostics_every")
 
 # The periodic test IWAE bound (--iwae-every) evaluates at most this many (importance
 # sample, image) pairs at once: K = 50 takes 163 test images per pass.
@@ -150,7 +150,7 @@ class TestIWAE(Callback):
     @torch.no_grad()
     def on_epoch_end(self, trainer, metrics):
         epoch = metrics["epoch"]
-        if epoch % self.every and epoch != trainer.config.epochs and not trainer.out_of_time:
+        if not trainer.is_due(epoch, self.every):
             return
         vae = trainer.vae
         vae.eval()
@@ -167,9 +167,12 @@ class TestIWAE(Callback):
 
 class CollapseDiagnostics(Callback):
     """Active units, KL per dimension and I(x; z) on the test set (``pyrovae.collapse``),
-    from their own RNG stream, so that they are the same wherever a run resumed."""
+    every ``config.diagnostics_every`` epochs and in the last, from their own RNG stream,
+    so that they are the same wherever a run resumed and however often they ran."""
 
     def on_epoch_end(self, trainer, metrics):
+        if not trainer.is_due(metrics["epoch"], trainer.config.diagnostics_every):
+            return
         diagnostics = collapse_diagnostics(trainer.vae, trainer.data.test,
                                            seed=trainer.config.seed)
         metrics.update({key: diagnostics[key] for key in DIAGNOSTIC_KEYS})
@@ -791,6 +794,11 @@ class Trainer:
         log.info(f"epoch {epoch}/{self.config.epochs}  train ELBO {metrics['train_elbo']:.3f}"
                  + _extras(metrics) + "  (nats per datapoint)")
         return True
+
+    def is_due(self, epoch: int, every: int) -> bool:
+        """Whether a periodic extra runs after ``epoch``: every ``every`` epochs, and in
+        the run's last, whether ``--epochs`` or ``--time-budget`` ends it."""
+        return epoch % every == 0 or epoch == self.config.epochs or self.out_of_time
 
     def _out_of_time(self) -> bool:
         """Whether the steps' time has reached the budget: the same answer on every

@@ -81,6 +81,7 @@ def train_refused(capsys, tmp_path, *args) -> str:
     (["--lr-schedule", "burda", "--epochs", "4000"], "burda ends after 3280 epochs"),
     (["--iwae-every", "-2"], "--iwae-every must be a non-negative integer, got -2"),
     (["--iwae-every", "5", "--iwae-samples", "0"], "--iwae-samples must be a positive integer"),
+    (["--diagnostics-every", "0"], "--diagnostics-every must be a positive integer, got 0"),
 ])
 def test_training_values_out_of_range_are_refused_before_the_data(
         capsys, tmp_path, no_data, args, message):

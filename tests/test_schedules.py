@@ -1,4 +1,5 @@
-"""Learning-rate schedules (--lr-schedule) and the periodic test IWAE bound (--iwae-every).
+"""Learning-rate schedules (--lr-schedule), the periodic test IWAE bound (--iwae-every) and
+collapse diagnostics (--diagnostics-every).
 
 The schedules' values are checked against their formulas, Burda et al.'s to the
 bit; a run stopped and resumed with a schedule gives the parameters of an
@@ -18,6 +19,7 @@ from pyrovae.cli.train import default_epochs
 from pyrovae.errors import PyrovaeError
 from pyrovae.run import BURDA_EPOCHS, CHECKPOINT_FILE, METRICS_FILE
 from pyrovae.svi import FusedOptim, make_lr_schedule
+from pyrovae.training import DIAGNOSTIC_KEYS
 
 LR = 0.003
 
@@ -186,6 +188,24 @@ def test_the_iwae_bound_comes_every_e_epochs_and_in_the_last(tmp_path):
     assert [m["train_elbo"] for m in plain] == [m["train_elbo"] for m in metrics]
 
 
+def test_the_diagnostics_come_every_e_epochs_and_in_the_last_as_an_every_epoch_run_has_them(
+        tmp_path):
+    sparse = make_trainer(tmp_path / "sparse", epochs=5, diagnostics_every=2).fit()
+    assert [m["epoch"] for m in sparse if "active_units" in m] == [2, 4, 5]
+    dense = make_trainer(tmp_path / "dense", epochs=5).fit()
+    assert all(set(DIAGNOSTIC_KEYS) <= set(m) for m in dense)
+    # their own RNG stream: the same values at the same epochs, and the training to the bit
+    for a, b in zip(sparse, dense):
+        assert {key: a[key] for key in a if key != "seconds"} == \
+            {key: b[key] for key in a if key != "seconds"}
+    for name, value in checkpoint(tmp_path / "dense")["model"].items():
+        assert torch.equal(checkpoint(tmp_path / "sparse")["model"][name], value), name
+    # a time budget that ends the run ends it with the diagnostics, as a last epoch has them
+    [budget] = make_trainer(tmp_path / "budget", epochs=5, diagnostics_every=3,
+                            time_budget=1e-6).fit()
+    assert set(DIAGNOSTIC_KEYS) <= set(budget)
+
+
 def test_the_training_time_goes_on_across_a_resume(tmp_path):
     make_trainer(tmp_path, epochs=2, iwae_every=2, iwae_samples=5).fit()
     before = json.loads((tmp_path / METRICS_FILE).read_text())[-1]["train_seconds"]
@@ -208,6 +228,9 @@ def test_the_training_time_goes_on_across_a_resume(tmp_path):
     ({"lr_schedule": "cosine", "lr_min": -1.0}, "--lr-min must be a finite number of at least"),
     ({"iwae_every": -1}, "--iwae-every must be a non-negative integer"),
     ({"iwae_samples": 0}, "--iwae-samples must be a positive integer"),
+    ({"diagnostics_every": 0}, "--diagnostics-every must be a positive integer, got 0"),
+    ({"diagnostics_every": 2, "aggressive": True},
+     "--aggressive decides after every epoch from I(x; z), which --diagnostics-every 2"),
 ])
 def test_bad_schedule_and_iwae_settings_are_named(settings, message):
     with pytest.raises(PyrovaeError) as error:

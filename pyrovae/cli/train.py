@@ -216,6 +216,10 @@ def add_parser(sub):
                           "metrics.json; 0: never" + D)
     fit.add_argument("--iwae-samples", type=int, default=TRAINING.iwae_samples, metavar="K",
                      help="importance samples of --iwae-every's bound" + D)
+    fit.add_argument("--diagnostics-every", type=int, default=TRAINING.diagnostics_every,
+                     metavar="EPOCHS",
+                     help="the posterior-collapse diagnostics (active units, KL per dimension, "
+                          "I(x; z)) every EPOCHS epochs and in the last" + D)
     fit.add_argument("--time-budget", type=float, metavar="SECONDS",
                      help="end the run after the epoch in which the training steps' time "
                           "reaches SECONDS (the checkpoints and per-epoch evaluations not "
@@ -376,6 +380,7 @@ def build_trainer(args, progress: bool) -> Trainer:
                          lr_schedule=args.lr_schedule, lr_step=args.lr_step,
                          lr_gamma=args.lr_gamma, lr_min=args.lr_min,
                          iwae_every=args.iwae_every, iwae_samples=args.iwae_samples,
+                         diagnostics_every=args.diagnostics_every,
                          time_budget=args.time_budget,
                          batch_size=TrainConfig.default_batch_size(args.dataset)
                          if args.batch_size is None else args.batch_size,
