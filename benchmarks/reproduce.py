@@ -66,8 +66,8 @@ AIS_STEPS = 100
 AIS_CHAINS = 8
 AIS_LEAPFROG = 10
 IWAE_EVERY = 10  # epochs between the test IWAE bounds of the curve
-# epochs between the collapse diagnostics: every epoch, they took about a quarter of a
-# CPU row's evaluation time beside its steps (docs/results.md); the training is the same
+# epochs between the collapse diagnostics: every epoch, they cost a quarter of a Burda
+# epoch's steps on the 2-core CPU (benchmarks/epoch_extras.py); the training is the same
 DIAGNOSTICS_EVERY = 10
 SMOKE = {"train": 300, "test": 100, "is_samples": 25, "is_images": 50, "ais_images": 5,
          "ais_steps": 5, "ais_chains": 2, "val": 50}

@@ -148,7 +148,8 @@ class TrainConfig:
     iwae_every: int = 0           # --iwae-every: the test IWAE bound every this many epochs
     iwae_samples: int = DEFAULT_IWAE_SAMPLES  # --iwae-samples: its importance samples K
     # --diagnostics-every: the collapse diagnostics every this many epochs and in the last;
-    # on MNIST's test set they take about 0.9 s on 2 CPU cores, a quarter of a Burda epoch
+    # on MNIST's test set they take 0.6 s on 2 CPU cores, a quarter of a Burda epoch's steps
+    # (benchmarks/epoch_extras.py)
     diagnostics_every: int = 1
     # --time-budget: stop after the epoch in which the training steps' time (train_seconds,
     # carried across --resume) reaches this many seconds; None: train every epoch
