@@ -53,7 +53,10 @@ from train_speed import environment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "docs" / "results"
-FIGURE = "time_to_quality.png"
+# the time-to-quality figure of each data set's one-layer rows, with the paper's VAE of
+# the preset named as the line to beat: one test set's NLL is no measure of another's
+FIGURES = {"dmnist-vae": ("time_to_quality.png", "VAE after 3280 epochs"),
+           "smnist-vae": ("time_to_quality_static.png", "VAE")}
 TRAINING_RECORD_SUFFIX = ".training.json"  # how this script trained a run
 
 IS_SAMPLES = 5000
@@ -365,15 +368,18 @@ def report(results_dir: Path) -> str:
             f"({r['is_nll_on_ais_images']:.2f} on the first {r['ais_images']}) | "
             f"{100 * r['khat_frac_above_0_7']:.1f} % | "
             f"{paper} | {pythae} |")
-    # seconds on a GPU and on the CPU are not the same clock: the label says which
-    curves = {f"{r['preset']} ({_hardware(r['machine'])})": r["test_iwae_curve"]
-              for r in results
-              if r["preset"] in PRESETS and PRESETS[r["preset"]].one_layer
-              and r["test_iwae_curve"]}
-    if curves:
-        target = PRESETS["dmnist-vae"].paper
-        save(plot_time_to_quality(curves, target["nll"], f"{target['source']}, VAE after "
-                                                         f"3280 epochs"), results_dir / FIGURE)
+    for reference, (figure, what) in FIGURES.items():
+        data = (PRESETS[reference].dataset, PRESETS[reference].binarize)
+        # seconds on a GPU and on the CPU are not the same clock: the label says which
+        curves = {f"{r['preset']} ({_hardware(r['machine'])})": r["test_iwae_curve"]
+                  for r in results
+                  if r["preset"] in PRESETS and PRESETS[r["preset"]].one_layer
+                  and (PRESETS[r["preset"]].dataset, PRESETS[r["preset"]].binarize) == data
+                  and r["test_iwae_curve"]}
+        if curves:
+            target = PRESETS[reference].paper
+            save(plot_time_to_quality(curves, target["nll"], f"{target['source']}, {what}"),
+                 results_dir / figure)
     return "\n".join(lines)
 
 

@@ -81,7 +81,8 @@ def test_report_tables_the_results_and_draws_the_curve(tmp_path, monkeypatch):
     trained_on_gpu = {"machine": gpu, "device": "cuda"}
     for name, nll, evaluated, where in (("dmnist-vae", 90.0, None, {}),
                                         ("dmnist-iwae5", 89.0, gpu, {}),
-                                        ("dmnist-conv", 86.0, None, trained_on_gpu)):
+                                        ("dmnist-conv", 86.0, None, trained_on_gpu),
+                                        ("smnist-vae", 91.0, None, {})):
         record = {**base, **where, "preset": name, "nll": nll,
                   "paper": reproduce.PRESETS[name].paper,
                   "time_budget_seconds": 600.0, "planned_epochs": 3280,
@@ -92,11 +93,12 @@ def test_report_tables_the_results_and_draws_the_curve(tmp_path, monkeypatch):
                                        "test_iwae_bound": -nll - 1}]}
         (results / f"{name}.json").write_text(json.dumps(record))
     (results / "smoke.json").write_text(json.dumps({**base, "preset": "x", "smoke": True}))
-    drawn, draw = {}, reproduce.plot_time_to_quality
+    drawn, draw = [], reproduce.plot_time_to_quality
     monkeypatch.setattr(reproduce, "plot_time_to_quality",
-                        lambda curves, *args: drawn.update(curves) or draw(curves, *args))
+                        lambda curves, *args: drawn.append((sorted(curves), args))
+                        or draw(curves, *args))
     table = reproduce.report(results).splitlines()
-    assert len(table) == 5  # the header, its rule and the three real results, not the smoke
+    assert len(table) == 6  # the header, its rule and the four real results, not the smoke
     assert ("| `dmnist-vae` | `reproduce.py dmnist-vae --time-budget 600` | 10 | "
             "600 s, 2-core CPU | 90.00 ± 0.25 |") in table[2]
     # trained on the CPU, evaluated on a GPU: the row says both
@@ -105,11 +107,16 @@ def test_report_tables_the_results_and_draws_the_curve(tmp_path, monkeypatch):
     assert "86.76" in table[2]
     # trained on a GPU: the command says so, and so does its curve, whose seconds are
     # not the CPU's
-    assert "| `reproduce.py dmnist-conv --time-budget 600 --device cuda` |" in table[4]
-    assert "600 s, NVIDIA H200 |" in table[4]
-    assert sorted(drawn) == ["dmnist-conv (NVIDIA H200)", "dmnist-iwae5 (2-core CPU)",
-                             "dmnist-vae (2-core CPU)"]
-    assert (results / reproduce.FIGURE).stat().st_size > 0
+    assert "| `reproduce.py dmnist-conv --time-budget 600 --device cuda` |" in table[5]
+    assert "600 s, NVIDIA H200 |" in table[5]
+    assert table[4].startswith("| `smnist-vae` |")  # the presets' order: the GPU rows last
+    # one figure per test set, each with its own paper's VAE as the line to beat
+    assert drawn == [
+        (["dmnist-conv (NVIDIA H200)", "dmnist-iwae5 (2-core CPU)", "dmnist-vae (2-core CPU)"],
+         (86.76, "Burda, Grosse & Salakhutdinov (2016), Table 1, VAE after 3280 epochs")),
+        (["smnist-vae (2-core CPU)"], (88.71, "Burda, Grosse & Salakhutdinov (2016), Table 3, VAE"))]
+    for figure, _ in reproduce.FIGURES.values():
+        assert (results / figure).stat().st_size > 0
 
 
 @pytest.mark.parametrize("argv,message", [
