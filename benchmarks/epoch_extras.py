@@ -5,7 +5,7 @@ weights and data, against the median epoch of steps from its metrics.json. It sa
 into the run folder.
 
     OMP_NUM_THREADS=2 PYROVAE_DATA_DIR=/work/shared/data python benchmarks/epoch_extras.py \\
-        --run runs/smnist-vae --json docs/benchmark_runs/epoch_extras.json
+        --run runs/smnist-vae --repeats 3 --json docs/benchmark_runs/epoch_extras_smnist_vae.json
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     trainer = Trainer.resume(args.run, progress=False, device="cpu")
     trainer.out = None  # ValidationELBO would write best.pt: this measures, it keeps nothing
-    # every extra, due in every epoch
+    # every extra, due in every epoch (each reads its period from the config it is built with)
     config = dataclasses.replace(trainer.config, diagnostics_every=1, iwae_every=1)
     rows = {}
     for callback in default_callbacks(config):

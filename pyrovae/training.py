@@ -170,8 +170,11 @@ class CollapseDiagnostics(Callback):
     every ``config.diagnostics_every`` epochs and in the last, from their own RNG stream,
     so that they are the same wherever a run resumed and however often they ran."""
 
+    def __init__(self, config: TrainConfig):
+        self.every = config.diagnostics_every
+
     def on_epoch_end(self, trainer, metrics):
-        if not trainer.is_due(metrics["epoch"], trainer.config.diagnostics_every):
+        if not trainer.is_due(metrics["epoch"], self.every):
             return
         diagnostics = collapse_diagnostics(trainer.vae, trainer.data.test,
                                            seed=trainer.config.seed)
@@ -245,7 +248,7 @@ class TensorBoard(Callback):
 def default_callbacks(config: TrainConfig) -> list[Callback]:
     """TensorBoard comes last, after the callbacks whose metrics it writes."""
     return ([TestELBO(config)] + ([ValidationELBO(config)] if config.val_size else [])
-            + [CollapseDiagnostics()] + ([TestIWAE(config)] if config.iwae_every else [])
+            + [CollapseDiagnostics(config)] + ([TestIWAE(config)] if config.iwae_every else [])
             + ([TensorBoard()] if config.tensorboard else []))
 
 
