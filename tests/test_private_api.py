@@ -182,3 +182,16 @@ def test_an_affine_autoregressive_step_inverts_through_its_inverse_attribute():
     transform._inverse = lambda y: calls.append(y) or inverse(y)
     transform.inv(torch.ones(3))
     assert len(calls) == 1, f"{where}, is no longer what Transform.inv calls"
+
+
+def test_a_trace_keeps_a_log_prob_already_in_its_site():
+    # pyrovae/evaluation/ais.py (_Path.terms) puts the log q(z|x) of a flow guide, read
+    # from the flow's forward pass, into the site, so that compute_log_prob does not
+    # invert the flow
+    trace = pyro.poutine.trace(guide).get_trace(X)
+    given = torch.full((3,), -7.0)
+    trace.nodes["z"]["log_prob"] = given
+    trace.compute_log_prob()
+    assert trace.nodes["z"]["log_prob"] is given, (
+        "pyro.poutine.Trace.compute_log_prob now scores a site that holds a log_prob; "
+        "pyrovae/evaluation/ais.py (_Path.terms) relies on it keeping that one")

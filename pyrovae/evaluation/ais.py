@@ -26,6 +26,17 @@ guide's distribution, ``site["fn"].support``) are moved in the unconstrained
 space u, z = biject_to(support)(u), and the HMC target is pi_b(z(u)) |dz/du|;
 the weights need no Jacobian, as it cancels in pi_b / pi_{b'}.
 
+Flow guides. A guide whose distribution is a ``TransformedDistribution`` (the
+``iaf`` guide: a Gaussian base eps pushed through z = T(eps)) scores its own
+draws in one network pass per step, as its transforms cache their inputs, but
+any other z by inverting each step, one pass per latent dimension. The chains
+of such a site move in the base's unconstrained space instead: u maps to eps
+by ``biject_to`` of the base's support, and eps to z by T, one forward pass,
+and log q(z|x) = log base(eps) - log |dT/d eps| is read from that pass. The
+path of densities is the same, only the coordinates the HMC moves in change,
+so the weights are those of AIS in z. Under the guide start on MNIST (two flow
+steps, z_dim = 50) this makes each density 2 network passes instead of 100.
+
 Transitions. HMC with ``pyro.ops.integrator.velocity_verlet`` and unit mass,
 all chains of all datapoints of a pass in one batch, with a step-size tensor of
 one value per chain. Step sizes are adapted toward ``target_accept`` on
@@ -64,7 +75,8 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.ops.integrator import potential_grad, velocity_verlet
-from torch.distributions import biject_to
+from pyro.distributions.util import scale_and_mask
+from torch.distributions import ComposeTransform, TransformedDistribution, biject_to
 from tqdm.auto import tqdm
 
 from pyrovae.errors import DataError, PyrovaeError
@@ -354,7 +366,10 @@ class _Path:
             raise PyrovaeError(
                 f"the latent sites {sorted(values)} differ from the guide's {self.names}; "
                 f"model and guide must sample the same latents.")
-        self.transforms, self.event_shapes, self.sizes = [], [], []
+        # per site: u -> the base's eps (all of the way to z where there is no flow), and
+        # the flow eps -> z (None where there is none); the flow is the first guide trace's,
+        # conditioned on x, which the guide would build again with the same weights
+        self.transforms, self.flows, self.event_shapes, self.sizes = [], [], [], []
         for site in sites:
             value = site["value"]
             if value.shape[:2] != (k, x.shape[0]):
@@ -362,12 +377,18 @@ class _Path:
                     f"sample site {site['name']!r} has shape {tuple(value.shape)}, not "
                     f"(particles, datapoints, ...) = ({k}, {x.shape[0]}, ...); put every latent "
                     f"of the model and guide inside the data plate (dim -1).")
-            self.transforms.append(biject_to(site["fn"].support))
+            fn = site["fn"]
+            flow = ComposeTransform(fn.transforms) \
+                if isinstance(fn, TransformedDistribution) and fn.transforms else None
+            self.flows.append(flow)
+            self.transforms.append(biject_to((fn.base_dist if flow else fn).support))
             self.event_shapes.append(value.shape[2:])
             self.sizes.append(int(math.prod(value.shape[2:])))
+        # with the guide start, inverting the flow at its own draws hits its cache
         self.u0 = torch.cat([
-            t.inv(values[name]).reshape(k, x.shape[0], -1)
-            for name, t in zip(self.names, self.transforms)], -1).detach()
+            t.inv(values[name] if flow is None else flow.inv(values[name])
+                  ).reshape(k, x.shape[0], -1)
+            for name, t, flow in zip(self.names, self.transforms, self.flows)], -1).detach()
 
     def _vectorized(self, fn):
         k = self.k
@@ -379,19 +400,33 @@ class _Path:
 
     def terms(self, u):
         """(log f0, log f1 - log f0, log |dz/du|) at u, each of shape (k, B)."""
-        values, log_jacobian = {}, 0.0
-        for name, t, shape, part in zip(self.names, self.transforms, self.event_shapes,
-                                        u.split(self.sizes, -1)):
+        values, log_jacobian, flow_terms = {}, 0.0, {}
+        for name, t, flow, shape, part in zip(self.names, self.transforms, self.flows,
+                                              self.event_shapes, u.split(self.sizes, -1)):
             part = part.reshape(u.shape[:2] + shape)
             z = t(part)
+            ladj = t.log_abs_det_jacobian(part, z).reshape(u.shape[:2] + (-1,)).sum(-1)
+            if flow is not None:
+                eps, z = z, flow(z)
+                flow_ladj = flow.log_abs_det_jacobian(eps, z).reshape(u.shape[:2] + (-1,)).sum(-1)
+                flow_terms[name] = eps, flow_ladj
+                ladj = ladj + flow_ladj
             values[name] = z
-            ladj = t.log_abs_det_jacobian(part, z)
-            log_jacobian = log_jacobian + ladj.reshape(u.shape[:2] + (-1,)).sum(-1)
+            log_jacobian = log_jacobian + ladj
         with pyro.validation_enabled(False):  # an overflowing proposal is rejected, not raised
             guide_trace = poutine.trace(poutine.condition(
                 self._vectorized(self.vae.guide), data=values)).get_trace(self.x)
             model_trace = poutine.trace(poutine.condition(
                 self._vectorized(self.vae.model), data=values)).get_trace(self.x)
+        for name, (eps, flow_ladj) in flow_terms.items():
+            # log q(z|x) from the forward pass; the trace's own log_prob would invert the flow
+            site = guide_trace.nodes[name]
+            base = site["fn"].base_dist
+            site["unscaled_log_prob"] = base.log_prob(eps).reshape(eps.shape[:2] + (-1,)).sum(-1) \
+                - flow_ladj
+            site["log_prob"] = scale_and_mask(site["unscaled_log_prob"], site["scale"],
+                                              site["mask"])
+            site["log_prob_sum"] = site["log_prob"].sum()
         log_q = _site_sum(guide_trace, self.names, True)
         log_prior = _site_sum(model_trace, self.names, True)
         log_lik = _site_sum(model_trace, self.names, False)

@@ -7,6 +7,8 @@ import math
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro import poutine
+from pyro.distributions.transforms import AffineAutoregressive
 
 from pyrovae import VAE
 from pyrovae.errors import PyrovaeError
@@ -17,6 +19,7 @@ from pyrovae.evaluation import (
     hmc_transition,
     log_likelihood,
 )
+from pyrovae.evaluation.ais import _Path
 from test_marginal import (  # the same linear-Gaussian model as the IS tests
     SIGMA,
     X_DIM,
@@ -118,6 +121,64 @@ def test_prior_start_is_within_three_standard_errors():
     error = ais.log_px - exact
     assert abs(float(error.mean())) < mean_error_bound(ais.mc_se)
     assert (error.abs() < 5 * ais.mc_se).all()
+
+
+def iaf_ppca():
+    """The PPCA decoder under an untrained IAF guide (two flow steps): a poor guide of a
+    model whose log p(x) is exact."""
+    reference, x, exact = ppca(widen=0.5, shift=2.0, n=10)
+    torch.manual_seed(0)
+    vae = VAE((X_DIM,), z_dim=Z_DIM, likelihood="gaussian-fixed",
+              likelihood_kwargs={"scale": SIGMA}, guide="iaf", hidden=(16,),
+              decoder=reference.decoder)
+    return vae, x, exact
+
+
+@pytest.fixture
+def flow_inversions(monkeypatch):
+    """A list that grows by one each time an IAF step is inverted (the iaf guide's steps
+    are Pyro's stable form, which inverts by ``_inverse_stable``)."""
+    calls, invert = [], AffineAutoregressive._inverse_stable
+
+    def counted(self, y):
+        calls.append(1)
+        return invert(self, y)
+    monkeypatch.setattr(AffineAutoregressive, "_inverse_stable", counted)
+    return calls
+
+
+def test_flow_guide_chains_move_in_the_base_space_with_the_exact_log_q(flow_inversions):
+    vae, x, _ = iaf_ppca()
+    with torch.no_grad():
+        path = _Path(vae, x, 8, "guide")
+        assert not flow_inversions  # the guide's own draws: the flow's cache
+        u = path.u0 + 0.5 * torch.randn_like(path.u0)  # z the guide did not draw
+        log_q, _, log_jacobian = path.terms(u)
+        assert not flow_inversions
+        eps = u.reshape(8, len(x), Z_DIM)
+        z = path.flows[0](eps)
+        # the guide's own log_prob at z inverts the flow (the counter sees it)
+        q = poutine.trace(path._vectorized(vae.guide)).get_trace(x).nodes["z"]["fn"]
+        exact_log_q = q.log_prob(z.clone())
+    assert flow_inversions
+    # float32 sums of the same terms in another order: a few ulps of log q's size
+    torch.testing.assert_close(log_q, exact_log_q, rtol=0, atol=1e-4)
+    torch.testing.assert_close(log_jacobian, path.flows[0].log_abs_det_jacobian(eps, z),
+                               rtol=0, atol=1e-5)
+
+
+def test_flow_guide_ais_never_inverts_the_flow_and_is_within_three_standard_errors(
+        flow_inversions):
+    vae, x, exact = iaf_ppca()
+    ais = ais_log_likelihood(vae, x, 50, 32, leapfrog_steps=5, step_size=0.1)
+    assert not flow_inversions
+    error = ais.log_px - exact
+    assert abs(float(error.mean())) < mean_error_bound(ais.mc_se)
+    assert (error.abs() < 5 * ais.mc_se).all()
+    # with one step AIS is importance sampling, the flow's log q read from its forward pass
+    one_step = ais_log_likelihood(vae, x, 1, 64, seed=2, keep_log_weights=True)
+    is_ = log_likelihood(vae, x, 64, seed=2, keep_log_weights=True)
+    torch.testing.assert_close(one_step.log_weights, is_.log_weights, rtol=0, atol=1e-4)
 
 
 def positive_latent_vae():
