@@ -63,7 +63,8 @@ IS_SAMPLES = 5000
 AIS_IMAGES = 1000
 # 8,800 model gradients per image (plus the pilot chains'): about 10 minutes for 1,000
 # images of Burda's plain one-layer VAE on one CPU core (docs/marginal_likelihood.md
-# measured 5,500 in 6), over 30 under an iaf guide, whose density inverts the flow;
+# measured 5,500 in 6); under an iaf guide the chains move in the flow's base space, one
+# forward pass per density where scoring a moved z inverted the flow (100 passes);
 # on one H200, IS and AIS of dmnist-best took 182 s together (docs/results.md)
 AIS_STEPS = 100
 AIS_CHAINS = 8
