@@ -43,6 +43,7 @@ import torch
 
 from pyrovae import load_dataset
 from pyrovae.cli import main as pyrovae
+from pyrovae.cli.train import EXIT_INTERRUPTED, EXIT_TERMINATED
 from pyrovae.atomic import atomic_write_json
 from pyrovae.errors import PyrovaeError
 from pyrovae.plots import plot_time_to_quality, save
@@ -237,7 +238,12 @@ def reproduce(name: str, runs_dir: Path, results_dir: Path, epochs: int | None =
                                      "machine": environment(torch.get_num_threads())})
         training = _write_record(record, training)
         started = time.perf_counter()
-        if run_pyrovae(step) != 0:
+        code = run_pyrovae(step)
+        if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+            raise PyrovaeError(
+                f"{name}: training stopped by Ctrl-C or SIGTERM; its checkpoint is saved, and "
+                f"`python benchmarks/reproduce.py {name} --resume` goes on with it.")
+        if code != 0:
             raise PyrovaeError(f"{name}: training failed; see above.")
         training["commands"][-1]["seconds"] = time.perf_counter() - started
         training["trained"] = True

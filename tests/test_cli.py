@@ -1,11 +1,14 @@
 """The training script end to end, as a user runs it."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from pyrovae import VAE
 
@@ -50,6 +53,35 @@ def test_train_script_on_digits_writes_its_outputs(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert "step: eager (jit is off)" in resumed.stdout
     assert [m["epoch"] for m in json.loads((out / "metrics.json").read_text())] == [1, 2, 3]
+
+
+def test_sigterm_saves_the_training_in_progress_and_resume_goes_on(tmp_path):
+    out = tmp_path / "run"
+    flags = ["--no-progress", "--hidden", "32", "--z-dim", "3", "--out", str(out)]
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), *flags, "--epochs", "100000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoint.pt").exists():  # epoch 1's steps are saved
+            assert process.poll() is None, process.communicate()[1]
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    # 128 + SIGTERM, after saving: Python's default would end the process at once
+    assert process.returncode == 143, stderr
+    assert "interrupted" in stdout + stderr
+    epoch = torch.load(out / "checkpoint.pt", weights_only=False)["epoch"]
+    assert epoch >= 1
+    resumed = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), *flags, "--resume",
+         "--epochs", str(epoch + 1)], capture_output=True, text=True, cwd=ROOT)
+    assert resumed.returncode == 0, resumed.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [m["epoch"] for m in metrics] == list(range(1, epoch + 2))
 
 
 @pytest.mark.parametrize("args,message", [

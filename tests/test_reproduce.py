@@ -179,8 +179,13 @@ class ProcessStopped(BaseException):
     """What a training's process sees of a session's end: nothing it can catch."""
 
 
+@pytest.mark.parametrize("stop,raised,message", [
+    (ProcessStopped, ProcessStopped, None),  # the process ended: the training never returned
+    # Ctrl-C, or SIGTERM, which pyrovae train turns into one: it saved and returned
+    (KeyboardInterrupt, reproduce.PyrovaeError, "stopped by Ctrl-C or SIGTERM.*--resume")])
 def test_resume_continues_a_training_stopped_with_its_process(shared_data_dir, tmp_path,
-                                                                monkeypatch, capsys):
+                                                                monkeypatch, capsys, stop,
+                                                                raised, message):
     import pyrovae.training
     runs, results = tmp_path / "runs", tmp_path / "results"
     diagnose, calls = pyrovae.training.collapse_diagnostics, []
@@ -189,11 +194,11 @@ def test_resume_continues_a_training_stopped_with_its_process(shared_data_dir, t
         # the presets' diagnostics come every 10 epochs and in the last: epoch 2's is the first
         calls.append(1)
         if len(calls) == 1:
-            raise ProcessStopped
+            raise stop
         return diagnose(*args, **kwargs)
 
     monkeypatch.setattr(pyrovae.training, "collapse_diagnostics", stopped_in_the_second_epoch)
-    with pytest.raises(ProcessStopped):
+    with pytest.raises(raised, match=message):
         reproduce.reproduce("dmnist-vae", runs, results, epochs=2, smoke=True)
     monkeypatch.undo()
     record = json.loads((runs / "dmnist-vae.training.json").read_text())

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -262,16 +265,50 @@ def run(args) -> int:
     distributed.init_from_environment(resolve_device(device))
     distributed.quiet_other_ranks(log)
     try:
-        return _train(args, progress=not args.no_progress)
+        with sigterm_as_ctrl_c() as terminated:
+            return _train(args, progress=not args.no_progress, terminated=terminated)
     finally:
         distributed.shutdown()
 
 
-def _train(args, progress: bool) -> int:
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # the shells' 128 + SIGINT, 128 + SIGTERM
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """SIGTERM, which a batch scheduler (preemption, the end of a time limit) or a
+    container's stop sends before it kills, interrupts the training as Ctrl-C does:
+    the trainer saves the state in memory as the checkpoint (``interrupted_at_step``).
+    Python's default for SIGTERM ends the process at once, losing the epoch in
+    progress. Yields a list that holds the signal once it came; a second SIGTERM
+    while the checkpoint is written is ignored."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # signals go to main
+        yield received
+        return
+
+    def interrupt(signum, frame):
+        received.append(signum)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _train(args, progress: bool, terminated: list[int]) -> int:
     trainer = resume_trainer(args, progress) if args.resume else build_trainer(args, progress)
-    metrics = trainer.fit()
+    try:
+        metrics = trainer.fit()
+    except KeyboardInterrupt:  # between the trainer's own handlers: while it saved
+        log.warning("interrupted while a checkpoint was written; the one before it is kept "
+                    "(written atomically). --resume continues from it.")
+        trainer.interrupted = True
     if trainer.interrupted:
-        return 130
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     if trainer.rank != 0:  # rank 0 writes the figures and the evaluation
         return 0
     summarize(trainer, metrics)
