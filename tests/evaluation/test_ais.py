@@ -175,6 +175,12 @@ def test_flow_guide_ais_never_inverts_the_flow_and_is_within_three_standard_erro
     error = ais.log_px - exact
     assert abs(float(error.mean())) < mean_error_bound(ais.mc_se)
     assert (error.abs() < 5 * ais.mc_se).all()
+    # from the prior the chains start at z the flow did not draw: it is inverted once
+    from_prior = ais_log_likelihood(vae, x, 60, 32, start="prior", leapfrog_steps=5,
+                                    step_size=0.1)
+    error = from_prior.log_px - exact
+    assert abs(float(error.mean())) < mean_error_bound(from_prior.mc_se)
+    assert (error.abs() < 5 * from_prior.mc_se).all()
     # with one step AIS is importance sampling, the flow's log q read from its forward pass
     one_step = ais_log_likelihood(vae, x, 1, 64, seed=2, keep_log_weights=True)
     is_ = log_likelihood(vae, x, 64, seed=2, keep_log_weights=True)
