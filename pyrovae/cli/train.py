@@ -303,9 +303,10 @@ def _train(args, progress: bool, terminated: list[int]) -> int:
     trainer = resume_trainer(args, progress) if args.resume else build_trainer(args, progress)
     try:
         metrics = trainer.fit()
-    except KeyboardInterrupt:  # between the trainer's own handlers: while it saved
-        log.warning("interrupted while a checkpoint was written; the one before it is kept "
-                    "(written atomically). --resume continues from it.")
+    except KeyboardInterrupt:  # outside the trainer's own handlers, e.g. while it saved
+        log.warning("interrupted outside the steps and the extras; the last checkpoint "
+                    "written is kept (checkpoints are written atomically). --resume "
+                    "continues from it.")
         trainer.interrupted = True
     if trainer.interrupted:
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED

@@ -405,10 +405,10 @@ class _Path:
                                               self.event_shapes, u.split(self.sizes, -1)):
             part = part.reshape(u.shape[:2] + shape)
             z = t(part)
-            ladj = t.log_abs_det_jacobian(part, z).reshape(u.shape[:2] + (-1,)).sum(-1)
+            ladj = _per_chain(t.log_abs_det_jacobian(part, z))
             if flow is not None:
                 eps, z = z, flow(z)
-                flow_ladj = flow.log_abs_det_jacobian(eps, z).reshape(u.shape[:2] + (-1,)).sum(-1)
+                flow_ladj = _per_chain(flow.log_abs_det_jacobian(eps, z))
                 flow_terms[name] = eps, flow_ladj
                 ladj = ladj + flow_ladj
             values[name] = z
@@ -422,8 +422,7 @@ class _Path:
             # log q(z|x) from the forward pass; the trace's own log_prob would invert the flow
             site = guide_trace.nodes[name]
             base = site["fn"].base_dist
-            site["unscaled_log_prob"] = base.log_prob(eps).reshape(eps.shape[:2] + (-1,)).sum(-1) \
-                - flow_ladj
+            site["unscaled_log_prob"] = _per_chain(base.log_prob(eps)) - flow_ladj
             site["log_prob"] = scale_and_mask(site["unscaled_log_prob"], site["scale"],
                                               site["mask"])
             site["log_prob_sum"] = site["log_prob"].sum()
@@ -433,6 +432,11 @@ class _Path:
         if self.start == "guide":
             return log_q, log_prior + log_lik - log_q, log_jacobian
         return log_prior, log_lik, log_jacobian
+
+
+def _per_chain(terms):
+    """Terms of shape (k, B, ...) summed to one value per chain and datapoint, (k, B)."""
+    return terms.reshape(terms.shape[:2] + (-1,)).sum(-1)
 
 
 def _site_sum(trace, names, latent):
