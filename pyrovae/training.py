@@ -12,9 +12,12 @@ stepped once per epoch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -419,8 +422,57 @@ class DataParallelStep:
 
 
 class _Interrupted(Exception):
-    def __init__(self, step: int):
-        self.step = step
+    """Ctrl-C in an epoch's steps; ``together`` where every process stopped after the
+    same step (``_StopRequests``), so that they can save it."""
+
+    def __init__(self, step: int, together: bool = False):
+        self.step, self.together = step, together
+
+
+class _StopRequests:
+    """Ctrl-C and SIGTERM during the steps of data-parallel training, held until every
+    process knows of them.
+
+    A KeyboardInterrupt raised in one process's step leaves the others waiting in the
+    step's collectives, each stopped at another step, and none can save. While the
+    steps run, these signals only record a request here; it travels with the
+    all-reduce that every step makes anyway (the batch's loss), so that all the
+    processes stop after the same step and save it together. torchrun passes the
+    signal it gets (Ctrl-C, or SIGTERM at a scheduler's time limit) to every worker,
+    and kills them 30 s later: a step and a checkpoint fit well within.
+
+    Only signals that Python handles are held: Ctrl-C, and SIGTERM where ``pyrovae
+    train`` turns it into Ctrl-C. A SIGTERM left to the system's default still ends
+    the process at once. Repeats are ignored, as torchrun repeats the terminal's
+    Ctrl-C; a process whose peers have gone stops at the process group's timeout.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal: int | None = None  # the first received, until the processes act on it
+        self._previous: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def __enter__(self) -> "_StopRequests":
+        if threading.current_thread() is threading.main_thread():  # signals go to main
+            for signum in self.SIGNALS:
+                handler = signal.getsignal(signum)
+                if callable(handler):
+                    self._previous[signum] = signal.signal(signum, self._record)
+        return self
+
+    def _record(self, signum, frame) -> None:
+        if self.signal is None:
+            self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
 
 
 class _Diverged(Exception):
@@ -485,6 +537,7 @@ class Trainer:
         self.epoch = 0
         self.saved_epoch: int | None = None  # the epoch of the checkpoint on disk
         self.first_loss: float | None = None  # per datapoint, the scale of divergence
+        self._stop_requests, self._stop_after_steps = _StopRequests(), False
         self.metrics: list[dict] = []
         # the best epoch by the validation ELBO, {"epoch", "val_elbo"} (ValidationELBO)
         self.best: dict | None = None
@@ -700,6 +753,7 @@ class Trainer:
                 torch.manual_seed(distributed.stream_seed(self.config.seed, self.rank))
         pyro.clear_param_store()
         self.interrupted = False
+        self._stop_requests, self._stop_after_steps = _StopRequests(), False
         plain = PlainStep(self)
         probe = self.data.test[: min(len(self.data.test), 8)]
         log.info(describe_kl_methods(kl_methods(self.vae.model, self.vae.guide, probe),
@@ -734,32 +788,13 @@ class Trainer:
             if self.config.kl_weighted:  # then make_elbo gave KL-weighted objectives
                 for objective in self.aggressive.objectives if self.aggressive else [self.elbo]:
                     objective.beta = beta
-            aggressive = self.aggressive
-            steps_started = time.perf_counter()
-            try:
-                train = self._train_epoch(parallel or aggressive or plain, epoch)
-            except _Interrupted as interrupt:
-                return self._interrupted(epoch, interrupt.step)
-            except _Diverged as diverged:
-                raise NonFiniteLossError(
-                    f"{diverged.what} in epoch {epoch} at step {diverged.step}. "
-                    f"{self._kept_checkpoint()} Try a smaller "
-                    f"--lr, check the data for extreme values, or a likelihood with a variance "
-                    f"floor (gaussian keeps sigma above min_scale).") from None
-            self.train_seconds += time.perf_counter() - steps_started
-            self.out_of_time = self._out_of_time()
-            self.epoch = epoch
-            metrics = {"epoch": epoch, "train_elbo": train["elbo"], "train_kl": train["kl"],
-                       "train_recon": train["recon"], "objective": train["objective"],
-                       "lr": self.optim.lr}  # the epoch's: the schedule steps next
-            self.optim.step_schedule()
-            if self.config.kl_weighted:
-                metrics["beta"] = beta
-            # the epoch's steps are saved before any extra runs: an extra that fails or
-            # is interrupted cannot lose them
-            self._epoch_end = {"metrics": dict(metrics),
-                               "seconds": time.perf_counter() - started}
-            self._save_checkpoint()
+            stop = self._stop_requests if parallel else contextlib.nullcontext()
+            with stop:  # data-parallel: Ctrl-C waits until the processes can stop together
+                metrics = self._epoch_steps(epoch, parallel or self.aggressive or plain, started)
+            if metrics is None:  # interrupted in the steps, and saved where it could be
+                return self.metrics
+            if self._stop_after_steps:  # every process was told together, after the steps
+                return self._stopped_after_steps(metrics)
             if not self._end_epoch(metrics, started):
                 return self.metrics
             if self.out_of_time:
@@ -769,6 +804,37 @@ class Trainer:
                 break
         return self.metrics
 
+    def _epoch_steps(self, epoch: int, step, started: float) -> dict | None:
+        """The steps of epoch ``epoch`` and their checkpoint; their metrics, or None where
+        Ctrl-C interrupted them (the run is then saved where it can be)."""
+        steps_started = time.perf_counter()
+        try:
+            train = self._train_epoch(step, epoch)
+        except _Interrupted as interrupt:
+            self._interrupted(epoch, interrupt.step, interrupt.together)
+            return None
+        except _Diverged as diverged:
+            raise NonFiniteLossError(
+                f"{diverged.what} in epoch {epoch} at step {diverged.step}. "
+                f"{self._kept_checkpoint()} Try a smaller "
+                f"--lr, check the data for extreme values, or a likelihood with a variance "
+                f"floor (gaussian keeps sigma above min_scale).") from None
+        self.train_seconds += time.perf_counter() - steps_started
+        self.out_of_time = self._out_of_time()
+        self.epoch = epoch
+        metrics = {"epoch": epoch, "train_elbo": train["elbo"], "train_kl": train["kl"],
+                   "train_recon": train["recon"], "objective": train["objective"],
+                   "lr": self.optim.lr}  # the epoch's: the schedule steps next
+        self.optim.step_schedule()
+        if self.config.kl_weighted:
+            metrics["beta"] = self.config.beta_at(epoch)
+        # the epoch's steps are saved before any extra runs: an extra that fails or
+        # is interrupted cannot lose them
+        self._epoch_end = {"metrics": dict(metrics),
+                           "seconds": time.perf_counter() - started}
+        self._save_checkpoint()
+        return metrics
+
     def _end_epoch(self, metrics: dict, started: float) -> bool:
         """The extras of the epoch whose steps are saved, then its metrics and checkpoint;
         False where Ctrl-C interrupted the extras (the resumed run runs them again)."""
@@ -777,13 +843,7 @@ class Trainer:
             for callback in self.callbacks if self.rank == 0 else ():
                 self._run_callback(callback, metrics)
         except KeyboardInterrupt:
-            self.metrics.append(metrics)  # what the epoch has so far, for the caller
-            if self.out is not None and self.rank == 0:
-                run.write_metrics(self.out, self.metrics)
-            self.interrupted = True
-            log.info(f"interrupted after the steps of epoch {epoch}; its checkpoint is "
-                     f"saved" + (f" in {self.out}" if self.out else "") + ", and a resumed "
-                     f"run begins with the epoch's extras.")
+            self._stopped_after_steps(metrics)
             return False
         if self.aggressive:
             metrics["aggressive"] = True
@@ -825,9 +885,25 @@ class Trainer:
                         f"{type(error).__name__}: {error}")
             metrics.setdefault("failed_extras", {})[name] = f"{type(error).__name__}: {error}"
 
-    def _interrupted(self, epoch: int, step: int) -> list[dict]:
+    def _stopped_after_steps(self, metrics: dict) -> list[dict]:
+        """Interrupted once the steps of epoch ``metrics["epoch"]`` were saved."""
+        self.metrics.append(metrics)  # what the epoch has so far, for the caller
+        if self.out is not None and self.rank == 0:
+            run.write_metrics(self.out, self.metrics)
         self.interrupted = True
-        if self.world_size > 1:
+        log.info(f"interrupted after the steps of epoch {metrics['epoch']}; its checkpoint is "
+                 f"saved" + (f" in {self.out}" if self.out else "") + ", and a resumed "
+                 f"run begins with the epoch's extras.")
+        return self.metrics
+
+    @property
+    def stop_signal(self) -> int | None:
+        """The signal that stopped data-parallel training together (``_StopRequests``)."""
+        return self._stop_requests.signal
+
+    def _interrupted(self, epoch: int, step: int, together: bool = False) -> list[dict]:
+        self.interrupted = True
+        if self.world_size > 1 and not together:
             # the processes stop at different steps, and saving would wait for all of them
             log.warning(f"interrupted in epoch {epoch}; the checkpoint of epoch {self.epoch} "
                         f"is kept" + (f" in {self.out}" if self.out else "") + ".")
@@ -866,22 +942,28 @@ class Trainer:
         bar = tqdm(batches, total=num_batches, desc=f"epoch {epoch}", leave=False,
                    disable=not self.progress or self.rank != 0)
         index = 0
+        stop = self._stop_requests  # held by fit under data-parallel training
         try:
             for index, x in enumerate(bar, start=1):
                 if self.data.streamed and len(x):  # read from disk just now: not yet checked
                     self.vae.check_data(x, f"training batch {index} of epoch {epoch}")
                 loss, n = step(x), x.shape[0]
-                if shard:  # the whole batch's, the same on every process (which stop together)
-                    loss, n = distributed.all_reduce_sum([loss, n], self.device)
+                if shard:  # the whole batch's, the same on every process
+                    loss, n, stops = distributed.all_reduce_sum(
+                        [loss, n, stop.requested], self.device)
                 self._check_loss(loss, n, index)
                 total_loss += loss
                 n_seen += n
+                if shard and stops:
+                    raise _Interrupted(index, together=True)
         except KeyboardInterrupt:
             raise _Interrupted(index) from None
         terms = self.elbo.take_terms()
-        if shard:
-            recon, elbo = distributed.all_reduce_sum([terms["recon"], terms["elbo"]], self.device)
+        if shard:  # a request after the last step's all-reduce is seen here
+            recon, elbo, stops = distributed.all_reduce_sum(
+                [terms["recon"], terms["elbo"], stop.requested], self.device)
             terms = {"recon": recon, "elbo": elbo}
+            self._stop_after_steps = stops > 0
         return per_datapoint(self.elbo, total_loss, n_seen, terms)
 
 

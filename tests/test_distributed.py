@@ -8,6 +8,8 @@ Pyro again; the torchrun test starts the real launcher on the real command.
 
 import contextlib
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -23,9 +25,11 @@ import torch.distributed
 import torch.multiprocessing as mp
 
 from pyrovae import VAE, Dataset, Trainer, TrainConfig, load_dataset
+from pyrovae.cli.train import sigterm_as_ctrl_c
 from pyrovae.families import Guide
 from pyrovae.run import read_checkpoint, read_metrics
 from pyrovae.svi import FusedOptim
+from pyrovae.training import DataParallelStep
 
 pytestmark = pytest.mark.skipif(
     sys.platform == "win32" or not torch.distributed.is_available(),
@@ -109,6 +113,54 @@ def _jobs(folder: Path):
     Trainer.resume(folder / "resumed", epochs=2, progress=False).fit()
     resume_trainer(folder / "straight", epochs=2).fit()
     resume_trainer(folder / "for-torchrun", epochs=1).fit()
+    _stopped_runs(folder)
+
+
+STEPS_PER_EPOCH = 5  # 1500 digits in batches of 301
+
+
+@contextlib.contextmanager
+def signal_to_process_1(signum: int, cls, method: str, when):
+    """Process 1 alone sends itself ``signum`` in ``cls.method`` once ``when(*args)``
+    holds; process 0 is never told, and learns of it from process 1."""
+    original = getattr(cls, method)
+
+    def signalling(*args):
+        if torch.distributed.get_rank() == 1 and when(*args):
+            os.kill(os.getpid(), signum)
+        return original(*args)
+
+    setattr(cls, method, signalling)
+    try:
+        yield
+    finally:
+        setattr(cls, method, original)
+
+
+def _stopped_runs(folder: Path):
+    """A signal to one process: Ctrl-C in a step of epoch 2, and SIGTERM as ``pyrovae
+    train`` handles it just after the all-reduce of that epoch's last step. Each
+    process keeps what its trainer held for the tests, then the runs are resumed to
+    epoch 2."""
+    rank = torch.distributed.get_rank()
+    steps = iter(range(1, 100))
+    in_a_step = signal_to_process_1(signal.SIGINT, DataParallelStep, "__call__",
+                                    lambda *args: next(steps) == STEPS_PER_EPOCH + 2)
+    # _check_loss comes after the step's all-reduce, here that of epoch 2's last step
+    after_the_steps = signal_to_process_1(
+        signal.SIGTERM, Trainer, "_check_loss",
+        lambda trainer, loss, n, index: trainer.epoch == 1 and index == STEPS_PER_EPOCH)
+    for name, stopping in (("stopped-in-a-step", in_a_step),
+                           ("stopped-after-the-steps", after_the_steps)):
+        trainer = resume_trainer(folder / name, epochs=2)
+        with stopping, sigterm_as_ctrl_c():
+            trainer.fit()
+        torch.save({"interrupted": trainer.interrupted, "stop_signal": trainer.stop_signal,
+                    "model": trainer.vae.state_dict()}, folder / f"{name}-process-{rank}.pt")
+        if rank == 0:
+            shutil.copy(folder / name / "checkpoint.pt", folder / f"{name}-at-stop.pt")
+        torch.distributed.barrier()
+        Trainer.resume(folder / name, epochs=2, progress=False).fit()
 
 
 def _process(rank: int, port: int, folder: Path) -> None:
@@ -117,6 +169,7 @@ def _process(rank: int, port: int, folder: Path) -> None:
     # one thread each: the two processes share the cores, and a forked process must not
     # use the OpenMP pool of its parent
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as in a Python program
     torch.distributed.init_process_group("gloo", timeout=timedelta(seconds=TIMEOUT_S))
     try:
         _jobs(folder)
@@ -199,6 +252,46 @@ def test_a_resumed_data_parallel_run_is_the_uninterrupted_one(two_processes):
     assert len(streams) == WORLD_SIZE and not torch.equal(streams[0]["torch"], streams[1]["torch"])
     drop_time = [{k: v for k, v in m.items() if k != "seconds"}
                  for m in read_metrics(two_processes / "resumed")]
+    assert drop_time == [{k: v for k, v in m.items() if k != "seconds"}
+                         for m in read_metrics(two_processes / "straight")]
+
+
+def test_ctrl_c_on_one_process_stops_all_after_the_same_step_and_saves_it(two_processes):
+    """Process 1 got Ctrl-C in the second step of epoch 2. Both processes stop after
+    that step, as one, and save it: epoch 1 and step 2, with the weights that both
+    hold. The run then resumes. Before, a KeyboardInterrupt in one process's step
+    left the other waiting in the step's all-reduce, and nothing was saved."""
+    held = [torch.load(two_processes / f"stopped-in-a-step-process-{rank}.pt")
+            for rank in range(WORLD_SIZE)]
+    assert [h["interrupted"] for h in held] == [True, True]
+    assert [h["stop_signal"] for h in held] == [None, signal.SIGINT]
+    saved = torch.load(two_processes / "stopped-in-a-step-at-stop.pt")
+    assert saved["epoch"] == 1 and saved["interrupted_at_step"] == 2
+    for key, value in saved["model"].items():
+        assert torch.equal(held[0]["model"][key], value), key
+        assert torch.equal(held[1]["model"][key], value), key
+    folder = two_processes / "stopped-in-a-step"
+    assert [m["epoch"] for m in read_metrics(folder)] == [1, 2]
+    assert read_checkpoint(folder)["epoch"] == 2
+
+
+def test_sigterm_after_the_last_steps_all_reduce_stops_before_the_extras(two_processes):
+    """Process 1 got SIGTERM, which ``pyrovae train`` turns into Ctrl-C, just after the
+    all-reduce of epoch 2's last step: the processes learn of it together after the
+    steps, save them and stop before the extras, which the resumed run runs.
+    Resumed, it is the uninterrupted run."""
+    held = [torch.load(two_processes / f"stopped-after-the-steps-process-{rank}.pt")
+            for rank in range(WORLD_SIZE)]
+    assert [h["interrupted"] for h in held] == [True, True]
+    assert [h["stop_signal"] for h in held] == [None, signal.SIGTERM]  # pyrovae exits 143
+    resumed = read_checkpoint(two_processes / "stopped-after-the-steps")
+    straight = read_checkpoint(two_processes / "straight")
+    assert resumed["epoch"] == straight["epoch"] == 2
+    for key, value in straight["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+        assert torch.equal(held[0]["model"][key], value), key
+    drop_time = [{k: v for k, v in m.items() if k != "seconds"}
+                 for m in read_metrics(two_processes / "stopped-after-the-steps")]
     assert drop_time == [{k: v for k, v in m.items() if k != "seconds"}
                          for m in read_metrics(two_processes / "straight")]
 

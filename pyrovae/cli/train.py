@@ -309,7 +309,9 @@ def _train(args, progress: bool, terminated: list[int]) -> int:
                     "continues from it.")
         trainer.interrupted = True
     if trainer.interrupted:
-        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+        # under data-parallel training the trainer held the signal itself (_StopRequests)
+        by_sigterm = terminated or trainer.stop_signal == signal.SIGTERM
+        return EXIT_TERMINATED if by_sigterm else EXIT_INTERRUPTED
     if trainer.rank != 0:  # rank 0 writes the figures and the evaluation
         return 0
     summarize(trainer, metrics)
