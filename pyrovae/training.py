@@ -550,12 +550,29 @@ class Trainer:
         self._epoch_end: dict | None = None
         self.aggressive = AggressiveStep(self) if config.aggressive else None
         self._check_data()
+        slow = self._slow_estimator()
+        if slow:
+            log.warning(slow)
 
     def make_objective(self):
         c = self.config
         return make_elbo(c.elbo, c.num_particles, estimator=c.estimator, beta=c.beta_at(1),
                          free_bits=c.free_bits, kl_weighted=c.kl_weighted,
                          jit=self._why_eager() is None)
+
+    def _slow_estimator(self) -> str | None:
+        """Why the steps will be slow where STL or DReG score z under a guide that inverts
+        itself to do so (a flow): said when the trainer is built, not found out after an
+        epoch."""
+        guide = getattr(self.vae, "guide_family", None)
+        passes = getattr(guide, "scoring_passes", 1)
+        if self.config.estimator == "reparam" or passes <= 1:
+            return None
+        return (f"--estimator {self.config.estimator} scores each z under a copy of the "
+                f"{guide.name!r} guide with its parameters detached, which inverts the guide: "
+                f"{passes} network passes per particle in every step, where scoring its own "
+                f"draws takes one per flow step. Expect each step to be many times slower "
+                f"than with --estimator reparam.")
 
     def _why_eager(self) -> str | None:
         c = self.config

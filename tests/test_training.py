@@ -18,10 +18,10 @@ from conftest import requires_cuda
 
 
 def make_trainer(out, epochs=2, guide="normal", prior="normal", elbo="trace", seed=3,
-                 likelihood="bernoulli", device="cpu", jit=True):
+                 likelihood="bernoulli", device="cpu", jit=True, estimator="reparam"):
     config = TrainConfig(dataset="digits", binarize="dynamic" if likelihood == "bernoulli"
                          else "none", elbo=elbo, epochs=epochs, batch_size=256, lr=3e-3,
-                         seed=seed, device=device, jit=jit)
+                         seed=seed, device=device, jit=jit, estimator=estimator)
     data = load_dataset("digits", binarize=config.binarize, seed=seed)
     pyro.set_rng_seed(seed)
     vae = VAE(data.x_shape, z_dim=4, guide=guide, prior=prior, likelihood=likelihood,
@@ -49,6 +49,18 @@ def test_metrics_and_outputs(tmp_path):
     loaded = VAE.load(tmp_path)
     for name, value in trainer.vae.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value)
+
+
+@pytest.mark.parametrize("guide,estimator,warned", [
+    ("iaf", "stl", True), ("iaf", "reparam", False), ("normal", "stl", False)])
+def test_building_a_trainer_warns_where_stl_inverts_a_flow(tmp_path, caplog, guide, estimator,
+                                                           warned):
+    with caplog.at_level(logging.INFO, logger="pyrovae"):
+        make_trainer(tmp_path, epochs=1, guide=guide, estimator=estimator)
+    slow = [r for r in caplog.records if "inverts the guide" in r.getMessage()]
+    assert len(slow) == warned
+    if warned:  # z_dim 4 and 2 flow steps
+        assert slow[0].levelno == logging.WARNING and "8 network passes" in slow[0].getMessage()
 
 
 def test_the_log_gives_the_mutual_informations_ceiling(tmp_path, caplog):
