@@ -233,13 +233,17 @@ def reproduce(name: str, runs_dir: Path, results_dir: Path, epochs: int | None =
                     "trained": False}
         steps = [flags]
     for step in steps:
-        # seconds stay None for a command whose process was stopped
+        # seconds stay None for a command whose process ended with it (killed, or the
+        # session's end); one that Ctrl-C or SIGTERM stopped saved its run, and says so
         training["commands"].append({"command": command(step), "seconds": None,
                                      "machine": environment(torch.get_num_threads())})
         training = _write_record(record, training)
         started = time.perf_counter()
         code = run_pyrovae(step)
         if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+            training["commands"][-1].update(seconds=time.perf_counter() - started,
+                                            stopped=True)
+            _write_record(record, training)
             raise PyrovaeError(
                 f"{name}: training stopped by Ctrl-C or SIGTERM; its checkpoint is saved, and "
                 f"`python benchmarks/reproduce.py {name} --resume` goes on with it.")
@@ -310,8 +314,8 @@ def summarize(name, preset, run, training, is_flags, ais_flags, smoke) -> dict:
         # evaluations, the checkpoints and the figures
         "time_budget_seconds": training["time_budget"],
         "train_seconds": metrics[-1]["train_seconds"],
-        # None where a command was stopped with its process and resumed; the epochs'
-        # own wall time is in their metrics whichever process ran them
+        # None where a command's process ended with it, and was resumed; the epochs' own
+        # wall time is in their metrics whichever process ran them
         "train_command_seconds": None if any(c["seconds"] is None for c in
                                              training["commands"])
         else sum(c["seconds"] for c in training["commands"]),

@@ -202,8 +202,13 @@ def test_resume_continues_a_training_stopped_with_its_process(shared_data_dir, t
         reproduce.reproduce("dmnist-vae", runs, results, epochs=2, smoke=True)
     monkeypatch.undo()
     record = json.loads((runs / "dmnist-vae.training.json").read_text())
-    # written before the training: it says what ran, and that it did not end
-    assert record["trained"] is False and record["commands"][0]["seconds"] is None
+    # written before the training: it says what ran, and that it did not end; a command
+    # that saved its run on Ctrl-C returned, and its seconds are known
+    saved_on_ctrl_c = stop is KeyboardInterrupt
+    assert record["trained"] is False
+    first = record["commands"][0]
+    assert (first["seconds"] > 0) if saved_on_ctrl_c else first["seconds"] is None
+    assert first.get("stopped", False) is saved_on_ctrl_c
     assert record["commands"][0]["command"].startswith("pyrovae train --dataset ")
     assert not results.exists()
     with pytest.raises(reproduce.PyrovaeError, match="not trained to its end.*--resume"):
@@ -216,8 +221,10 @@ def test_resume_continues_a_training_stopped_with_its_process(shared_data_dir, t
     assert row["commands"][0] == record["commands"][0]["command"]  # the training's flags
     assert [c["command"].split()[:3] for c in row["train_commands"]] == [
         ["pyrovae", "train", "--dataset"], ["pyrovae", "train", "--resume"]]
-    # the stopped command's seconds are unknown; its epochs' are in the metrics
-    assert row["train_command_seconds"] is None
+    # a command that ended with its process has no seconds; its epochs' are in the metrics
+    assert row["train_command_seconds"] == (
+        pytest.approx(sum(c["seconds"] for c in row["train_commands"])) if saved_on_ctrl_c
+        else None)
     assert row["train_commands"][1]["seconds"] > 0 and row["train_epochs_seconds"] > 0
     with pytest.raises(reproduce.PyrovaeError, match="trained to its end: --evaluate-only"):
         reproduce.reproduce("dmnist-vae", runs, results, smoke=True, resume=True)
