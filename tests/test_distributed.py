@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -127,7 +128,8 @@ def signal_to_process_1(signum: int, cls, method: str, when):
 
     def signalling(*args):
         if torch.distributed.get_rank() == 1 and when(*args):
-            os.kill(os.getpid(), signum)
+            # to this thread, the main one: its Python handler runs before the next call
+            signal.pthread_kill(threading.get_ident(), signum)
         return original(*args)
 
     setattr(cls, method, signalling)
