@@ -430,14 +430,17 @@ class _Interrupted(Exception):
 
 
 class _StopRequests:
-    """Ctrl-C and SIGTERM during the steps of data-parallel training, held until every
-    process knows of them.
+    """Ctrl-C and SIGTERM during data-parallel training, held until every process
+    knows of them.
 
     A KeyboardInterrupt raised in one process's step leaves the others waiting in the
     step's collectives, each stopped at another step, and none can save. While the
-    steps run, these signals only record a request here; it travels with the
+    epochs run, these signals only record a request here; it travels with the
     all-reduce that every step makes anyway (the batch's loss), so that all the
-    processes stop after the same step and save it together. torchrun passes the
+    processes stop after the same step and save it together. Process 0's extras,
+    which may take minutes and which nobody waits on midway, are ``released``: there
+    Ctrl-C acts at once, and the others learn of it at the epoch's end
+    (``Trainer._stops_told``). torchrun passes the
     signal it gets (Ctrl-C, or SIGTERM at a scheduler's time limit) to every worker,
     and kills them 30 s later: a step and a checkpoint fit well within.
 
@@ -468,6 +471,29 @@ class _StopRequests:
     def _record(self, signum, frame) -> None:
         if self.signal is None:
             self.signal = signum
+
+    @contextlib.contextmanager
+    def released(self):
+        """Ctrl-C and SIGTERM act at once again, recorded first: for work that one
+        process does alone (process 0's extras, an evaluation that may take minutes),
+        which no other process waits on midway. A request held already acts on entry."""
+        if not self._previous:  # not held
+            yield
+            return
+        if self.requested:
+            self._previous[self.signal](self.signal, None)
+
+        def record_and_pass_on(signum, frame):
+            self._record(signum, frame)
+            self._previous[signum](signum, frame)
+
+        for signum in self._previous:
+            signal.signal(signum, record_and_pass_on)
+        try:
+            yield
+        finally:
+            for signum in self._previous:
+                signal.signal(signum, self._record)
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
@@ -783,21 +809,27 @@ class Trainer:
             log.info(f"data-parallel training on {self.world_size} processes "
                      f"({torch.distributed.get_backend()}): each takes its block of every batch "
                      f"of {self.config.batch_size}")
+        # data-parallel: Ctrl-C and SIGTERM wait until the processes can stop together
+        with self._stop_requests if parallel else contextlib.nullcontext():
+            self._train_epochs(parallel, plain)
+        return self.metrics
+
+    def _train_epochs(self, parallel: DataParallelStep | None, plain: PlainStep) -> None:
+        """The epochs left, each its steps and its extras; first the extras of an epoch
+        whose process stopped in them."""
         if self._epoch_end is not None:  # resumed after its process stopped in the extras
             log.info(f"epoch {self.epoch}: its steps were saved, its extras had not ended; "
                      f"running them")
             self.out_of_time = self._out_of_time()
             saved = self._epoch_end
             if not self._end_epoch(dict(saved["metrics"]),
-                                   time.perf_counter() - saved["seconds"]):
-                return self.metrics
-            if self.out_of_time:
-                return self.metrics
+                                   time.perf_counter() - saved["seconds"]) or self.out_of_time:
+                return
         if self._out_of_time():  # a resumed run whose budget was spent already
             log.info(f"no epoch to train: the time budget (--time-budget "
                      f"{self.config.time_budget:g}) was spent in {self.train_seconds:.0f} s of "
                      f"steps; resume with a larger --time-budget to go on.")
-            return self.metrics
+            return
         while self.epoch < self.config.epochs:
             epoch = self.epoch + 1
             started = time.perf_counter()
@@ -805,21 +837,19 @@ class Trainer:
             if self.config.kl_weighted:  # then make_elbo gave KL-weighted objectives
                 for objective in self.aggressive.objectives if self.aggressive else [self.elbo]:
                     objective.beta = beta
-            stop = self._stop_requests if parallel else contextlib.nullcontext()
-            with stop:  # data-parallel: Ctrl-C waits until the processes can stop together
-                metrics = self._epoch_steps(epoch, parallel or self.aggressive or plain, started)
+            metrics = self._epoch_steps(epoch, parallel or self.aggressive or plain, started)
             if metrics is None:  # interrupted in the steps, and saved where it could be
-                return self.metrics
+                return
             if self._stop_after_steps:  # every process was told together, after the steps
-                return self._stopped_after_steps(metrics)
+                self._stopped_after_steps(metrics)
+                return
             if not self._end_epoch(metrics, started):
-                return self.metrics
+                return
             if self.out_of_time:
                 log.info(f"time budget reached: {self.train_seconds:.0f} s of training steps "
                          f"(--time-budget {self.config.time_budget:g}); the run ends after "
                          f"epoch {epoch} of {self.config.epochs}.")
-                break
-        return self.metrics
+                return
 
     def _epoch_steps(self, epoch: int, step, started: float) -> dict | None:
         """The steps of epoch ``epoch`` and their checkpoint; their metrics, or None where
@@ -854,12 +884,18 @@ class Trainer:
 
     def _end_epoch(self, metrics: dict, started: float) -> bool:
         """The extras of the epoch whose steps are saved, then its metrics and checkpoint;
-        False where Ctrl-C interrupted the extras (the resumed run runs them again)."""
+        False where Ctrl-C interrupted the extras (the resumed run runs them again), or
+        the data-parallel processes stop together after them."""
         epoch = metrics["epoch"]
         try:
-            for callback in self.callbacks if self.rank == 0 else ():
-                self._run_callback(callback, metrics)
+            with self._stop_requests.released():
+                for callback in self.callbacks if self.rank == 0 else ():
+                    self._run_callback(callback, metrics)
+            in_the_extras = False
         except KeyboardInterrupt:
+            in_the_extras = True
+        in_the_extras, after_them = self._stops_told(in_the_extras)
+        if in_the_extras:
             self._stopped_after_steps(metrics)
             return False
         if self.aggressive:
@@ -873,7 +909,23 @@ class Trainer:
         self._save()
         log.info(f"epoch {epoch}/{self.config.epochs}  train ELBO {metrics['train_elbo']:.3f}"
                  + _extras(metrics) + "  (nats per datapoint)")
+        if after_them:
+            self.interrupted = True
+            log.info(f"interrupted after epoch {epoch}; checkpoint saved"
+                     + (f" in {self.out}" if self.out else "") + ".")
+            return False
         return True
+
+    def _stops_told(self, in_the_extras: bool) -> tuple[bool, bool]:
+        """Whether a process was stopped in the extras of an epoch, and whether one was
+        asked to stop since the epoch's steps: under data-parallel training every
+        process is told, and stops with it. The others wait here while process 0 runs
+        the extras, which Ctrl-C interrupts at once (``_StopRequests.released``)."""
+        if self.world_size == 1:
+            return in_the_extras, False
+        told = distributed.all_reduce_sum(
+            [float(in_the_extras), float(self._stop_requests.requested)], self.device)
+        return told[0] > 0, told[1] > 0
 
     def is_due(self, epoch: int, every: int) -> bool:
         """Whether a periodic extra runs after ``epoch``: every ``every`` epochs, and in
@@ -902,7 +954,7 @@ class Trainer:
                         f"{type(error).__name__}: {error}")
             metrics.setdefault("failed_extras", {})[name] = f"{type(error).__name__}: {error}"
 
-    def _stopped_after_steps(self, metrics: dict) -> list[dict]:
+    def _stopped_after_steps(self, metrics: dict) -> None:
         """Interrupted once the steps of epoch ``metrics["epoch"]`` were saved."""
         self.metrics.append(metrics)  # what the epoch has so far, for the caller
         if self.out is not None and self.rank == 0:
@@ -911,24 +963,22 @@ class Trainer:
         log.info(f"interrupted after the steps of epoch {metrics['epoch']}; its checkpoint is "
                  f"saved" + (f" in {self.out}" if self.out else "") + ", and a resumed "
                  f"run begins with the epoch's extras.")
-        return self.metrics
 
     @property
     def stop_signal(self) -> int | None:
         """The signal that stopped data-parallel training together (``_StopRequests``)."""
         return self._stop_requests.signal
 
-    def _interrupted(self, epoch: int, step: int, together: bool = False) -> list[dict]:
+    def _interrupted(self, epoch: int, step: int, together: bool = False) -> None:
         self.interrupted = True
         if self.world_size > 1 and not together:
             # the processes stop at different steps, and saving would wait for all of them
             log.warning(f"interrupted in epoch {epoch}; the checkpoint of epoch {self.epoch} "
                         f"is kept" + (f" in {self.out}" if self.out else "") + ".")
-            return self.metrics
+            return
         self._save(interrupted_at_step=step)
         log.info(f"interrupted in epoch {epoch} at step {step}; checkpoint saved"
                  + (f" in {self.out}" if self.out else "") + ".")
-        return self.metrics
 
     def _kept_checkpoint(self) -> str:
         if self.out is None:

@@ -28,7 +28,7 @@ import torch.multiprocessing as mp
 from pyrovae import VAE, Dataset, Trainer, TrainConfig, load_dataset
 from pyrovae.cli.train import sigterm_as_ctrl_c
 from pyrovae.families import Guide
-from pyrovae.run import read_checkpoint, read_metrics
+from pyrovae.run import read_checkpoint, read_json, read_metrics
 from pyrovae.svi import FusedOptim
 from pyrovae.training import DataParallelStep
 
@@ -121,13 +121,13 @@ STEPS_PER_EPOCH = 5  # 1500 digits in batches of 301
 
 
 @contextlib.contextmanager
-def signal_to_process_1(signum: int, cls, method: str, when):
-    """Process 1 alone sends itself ``signum`` in ``cls.method`` once ``when(*args)``
-    holds; process 0 is never told, and learns of it from process 1."""
+def signal_to_process(rank: int, signum: int, cls, method: str, when):
+    """Process ``rank`` alone sends itself ``signum`` in ``cls.method`` once
+    ``when(*args)`` holds; the other is never told, and learns of it from this one."""
     original = getattr(cls, method)
 
     def signalling(*args):
-        if torch.distributed.get_rank() == 1 and when(*args):
+        if torch.distributed.get_rank() == rank and when(*args):
             # to this thread, the main one: its Python handler runs before the next call
             signal.pthread_kill(threading.get_ident(), signum)
         return original(*args)
@@ -140,20 +140,28 @@ def signal_to_process_1(signum: int, cls, method: str, when):
 
 
 def _stopped_runs(folder: Path):
-    """A signal to one process: Ctrl-C in a step of epoch 2, and SIGTERM as ``pyrovae
-    train`` handles it just after the all-reduce of that epoch's last step. Each
-    process keeps what its trainer held for the tests, then the runs are resumed to
-    epoch 2."""
+    """A signal to one process: Ctrl-C to process 1 in a step of epoch 2; SIGTERM to
+    process 1, as ``pyrovae train`` handles it, just after the all-reduce of that
+    epoch's last step; Ctrl-C to process 0 in its extras of epoch 2; SIGTERM to process
+    1 while process 0 runs the extras of epoch 1. Each process keeps what its trainer
+    held for the tests, then the runs are resumed to epoch 2."""
     rank = torch.distributed.get_rank()
     steps = iter(range(1, 100))
-    in_a_step = signal_to_process_1(signal.SIGINT, DataParallelStep, "__call__",
-                                    lambda *args: next(steps) == STEPS_PER_EPOCH + 2)
+    in_a_step = signal_to_process(1, signal.SIGINT, DataParallelStep, "__call__",
+                                  lambda *args: next(steps) == STEPS_PER_EPOCH + 2)
     # _check_loss comes after the step's all-reduce, here that of epoch 2's last step
-    after_the_steps = signal_to_process_1(
-        signal.SIGTERM, Trainer, "_check_loss",
+    after_the_steps = signal_to_process(
+        1, signal.SIGTERM, Trainer, "_check_loss",
         lambda trainer, loss, n, index: trainer.epoch == 1 and index == STEPS_PER_EPOCH)
+    in_the_extras = signal_to_process(0, signal.SIGINT, Trainer, "_run_callback",
+                                      lambda trainer, callback, metrics: trainer.epoch == 2)
+    # process 1 waits there for process 0's extras
+    while_waiting = signal_to_process(1, signal.SIGTERM, Trainer, "_stops_told",
+                                      lambda trainer, in_the_extras: trainer.epoch == 1)
     for name, stopping in (("stopped-in-a-step", in_a_step),
-                           ("stopped-after-the-steps", after_the_steps)):
+                           ("stopped-after-the-steps", after_the_steps),
+                           ("stopped-in-the-extras", in_the_extras),
+                           ("stopped-while-waiting", while_waiting)):
         trainer = resume_trainer(folder / name, epochs=2)
         with stopping, sigterm_as_ctrl_c():
             trainer.fit()
@@ -161,6 +169,7 @@ def _stopped_runs(folder: Path):
                     "model": trainer.vae.state_dict()}, folder / f"{name}-process-{rank}.pt")
         if rank == 0:
             shutil.copy(folder / name / "checkpoint.pt", folder / f"{name}-at-stop.pt")
+            shutil.copy(folder / name / "metrics.json", folder / f"{name}-metrics-at-stop.json")
         torch.distributed.barrier()
         Trainer.resume(folder / name, epochs=2, progress=False).fit()
 
@@ -263,9 +272,7 @@ def test_ctrl_c_on_one_process_stops_all_after_the_same_step_and_saves_it(two_pr
     that step, as one, and save it: epoch 1 and step 2, with the weights that both
     hold. The run then resumes. Before, a KeyboardInterrupt in one process's step
     left the other waiting in the step's all-reduce, and nothing was saved."""
-    held = [torch.load(two_processes / f"stopped-in-a-step-process-{rank}.pt")
-            for rank in range(WORLD_SIZE)]
-    assert [h["interrupted"] for h in held] == [True, True]
+    held = held_at_stop(two_processes, "stopped-in-a-step")
     assert [h["stop_signal"] for h in held] == [None, signal.SIGINT]
     saved = torch.load(two_processes / "stopped-in-a-step-at-stop.pt")
     assert saved["epoch"] == 1 and saved["interrupted_at_step"] == 2
@@ -282,20 +289,56 @@ def test_sigterm_after_the_last_steps_all_reduce_stops_before_the_extras(two_pro
     all-reduce of epoch 2's last step: the processes learn of it together after the
     steps, save them and stop before the extras, which the resumed run runs.
     Resumed, it is the uninterrupted run."""
-    held = [torch.load(two_processes / f"stopped-after-the-steps-process-{rank}.pt")
-            for rank in range(WORLD_SIZE)]
-    assert [h["interrupted"] for h in held] == [True, True]
+    held = held_at_stop(two_processes, "stopped-after-the-steps")
     assert [h["stop_signal"] for h in held] == [None, signal.SIGTERM]  # pyrovae exits 143
-    resumed = read_checkpoint(two_processes / "stopped-after-the-steps")
-    straight = read_checkpoint(two_processes / "straight")
+    for key, value in read_checkpoint(two_processes / "straight")["model"].items():
+        assert torch.equal(held[0]["model"][key], value), key
+    assert_resumed_is_straight(two_processes, "stopped-after-the-steps")
+
+
+def test_ctrl_c_in_process_0s_extras_stops_both_with_the_steps_saved(two_processes):
+    """Process 0 got Ctrl-C in its extras of epoch 2 (the test ELBO, the diagnostics),
+    which it runs alone: it stops at once, and process 1, which waits for it, stops
+    too. The checkpoint holds epoch 2's steps, whose extras the resumed run runs.
+    Before, process 1 left with an error from its next step's all-reduce."""
+    held = held_at_stop(two_processes, "stopped-in-the-extras")
+    assert [h["stop_signal"] for h in held] == [signal.SIGINT, None]
+    saved = torch.load(two_processes / "stopped-in-the-extras-at-stop.pt")
+    assert saved["epoch"] == 2 and saved["epoch_end"]["metrics"]["epoch"] == 2
+    metrics = read_json(two_processes / "stopped-in-the-extras-metrics-at-stop.json")
+    assert [m["epoch"] for m in metrics] == [1, 2] and "test_elbo" not in metrics[-1]
+    assert_resumed_is_straight(two_processes, "stopped-in-the-extras")
+
+
+def test_sigterm_while_process_0_runs_the_extras_stops_both_after_the_epoch(two_processes):
+    """Process 1 got SIGTERM while it waited for process 0's extras of epoch 1: the
+    request is held, and both stop once the epoch, extras and all, is saved."""
+    held = held_at_stop(two_processes, "stopped-while-waiting")
+    assert [h["stop_signal"] for h in held] == [None, signal.SIGTERM]
+    saved = torch.load(two_processes / "stopped-while-waiting-at-stop.pt")
+    assert saved["epoch"] == 1 and saved["epoch_end"] is None
+    metrics = read_json(two_processes / "stopped-while-waiting-metrics-at-stop.json")
+    assert [m["epoch"] for m in metrics] == [1] and "test_elbo" in metrics[0]
+    assert_resumed_is_straight(two_processes, "stopped-while-waiting")
+
+
+def held_at_stop(folder: Path, name: str) -> list[dict]:
+    """What each process's trainer held when it stopped; both stopped."""
+    held = [torch.load(folder / f"{name}-process-{rank}.pt") for rank in range(WORLD_SIZE)]
+    assert [h["interrupted"] for h in held] == [True, True]
+    return held
+
+
+def assert_resumed_is_straight(folder: Path, name: str) -> None:
+    """The stopped run, resumed to epoch 2, is the uninterrupted run to the bit."""
+    resumed, straight = read_checkpoint(folder / name), read_checkpoint(folder / "straight")
     assert resumed["epoch"] == straight["epoch"] == 2
     for key, value in straight["model"].items():
         assert torch.equal(resumed["model"][key], value), key
-        assert torch.equal(held[0]["model"][key], value), key
     drop_time = [{k: v for k, v in m.items() if k != "seconds"}
-                 for m in read_metrics(two_processes / "stopped-after-the-steps")]
+                 for m in read_metrics(folder / name)]
     assert drop_time == [{k: v for k, v in m.items() if k != "seconds"}
-                         for m in read_metrics(two_processes / "straight")]
+                         for m in read_metrics(folder / "straight")]
 
 
 @pytest.mark.slow
