@@ -887,9 +887,10 @@ class Trainer:
         False where Ctrl-C interrupted the extras (the resumed run runs them again), or
         the data-parallel processes stop together after them."""
         epoch = metrics["epoch"]
-        try:
-            with self._stop_requests.released():
-                for callback in self.callbacks if self.rank == 0 else ():
+        extras = self.callbacks if self.rank == 0 else []
+        try:  # the others hold a request while they wait, and stop after the extras
+            with self._stop_requests.released() if extras else contextlib.nullcontext():
+                for callback in extras:
                     self._run_callback(callback, metrics)
             in_the_extras = False
         except KeyboardInterrupt:

@@ -155,9 +155,9 @@ def _stopped_runs(folder: Path):
         lambda trainer, loss, n, index: trainer.epoch == 1 and index == STEPS_PER_EPOCH)
     in_the_extras = signal_to_process(0, signal.SIGINT, Trainer, "_run_callback",
                                       lambda trainer, callback, metrics: trainer.epoch == 2)
-    # process 1 waits there for process 0's extras
-    while_waiting = signal_to_process(1, signal.SIGTERM, Trainer, "_stops_told",
-                                      lambda trainer, in_the_extras: trainer.epoch == 1)
+    # process 1 has no extras to run, and goes on to wait for process 0's
+    while_waiting = signal_to_process(1, signal.SIGTERM, Trainer, "_end_epoch",
+                                      lambda trainer, metrics, started: metrics["epoch"] == 1)
     for name, stopping in (("stopped-in-a-step", in_a_step),
                            ("stopped-after-the-steps", after_the_steps),
                            ("stopped-in-the-extras", in_the_extras),
