@@ -168,7 +168,7 @@ def collapse_diagnostics(vae, x: torch.Tensor, threshold: float = ACTIVITY_THRES
                                  (("guide", q), ("prior", prior)) if not factorizes(d))
             kl, method = None, f"none: {which} does not factorize over dimensions"
         q_mi = q
-        if getattr(vae.guide_family, "scoring_passes", 1) > 1 and len(x) > SLOW_MI_POINTS:
+        if vae.guide_family.scoring_passes > 1 and len(x) > SLOW_MI_POINTS:
             # scoring z under another datapoint's q inverts a flow, many network passes:
             # the aggregate posterior is that of a random subset (which caps the estimate
             # at log SLOW_MI_POINTS)

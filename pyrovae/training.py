@@ -590,8 +590,8 @@ class Trainer:
         """Why the steps will be slow where STL or DReG score z under a guide that inverts
         itself to do so (a flow): said when the trainer is built, not found out after an
         epoch."""
-        guide = getattr(self.vae, "guide_family", None)
-        passes = getattr(guide, "scoring_passes", 1)
+        guide = self.vae.guide_family
+        passes = guide.scoring_passes
         if self.config.estimator == "reparam" or passes <= 1:
             return None
         return (f"--estimator {self.config.estimator} scores each z under a copy of the "
